@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up for a fresh machine (CPU, like CI) or a CUDA one.
+# Creates .venv in the repository root and installs the project with its test/train extras.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+stamp=.venv/.m2-setup-$(cat setup.py constraints.txt scripts/setup_env.sh | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-2}"
+  pip install -q -c constraints.txt torch==2.13.0 triton==3.7.1
+  pip install -q -c constraints.txt -e ".[dev,train]"
+  # Reference implementations we test and benchmark against. --no-deps: their declared
+  # dependencies would pull torchvision (a CUDA build) or another torch.
+  pip install -q --no-deps open-clip-torch==3.3.0 cn-clip==1.6.0 inf-cl==1.2.1
+  rm -f .venv/.m2-setup-*
+  touch "$stamp"
+fi
