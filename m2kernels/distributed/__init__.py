@@ -1,0 +1,1 @@
+"""Distributed contrastive loss over torch.distributed process groups."""
