@@ -45,7 +45,7 @@ class TrainConfig:
     model: str = "tiny"  # m2model.config size name
     model_overrides: dict = field(default_factory=dict)  # M2Config fields, e.g. {"image_size": 32}
     tokenizer: str = "bert-base-chinese"
-    context_length: int = 52
+    context_length: Optional[int] = None  # tokens per text (default: the model's max_text_len)
     # data: a jsonl ({"image", "caption": [...]}) and/or webdataset shards (brace pattern, glob or list)
     train_jsonl: Optional[str] = None
     train_shards: Any = None
@@ -214,7 +214,7 @@ def build_model(cfg: TrainConfig):
     from m2model.modeling import M2Encoder
 
     mcfg = get_config(cfg.model, **cfg.model_overrides)
-    if cfg.context_length > mcfg.max_text_len:
+    if cfg.context_length is not None and cfg.context_length > mcfg.max_text_len:
         raise ValueError(f"context_length {cfg.context_length} exceeds the model's max_text_len {mcfg.max_text_len}")
     model = M2Encoder(mcfg)
     if cfg.grad_checkpointing:
@@ -430,7 +430,7 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
     image_size = model.cfg.image_size
-    tokenizer = get_tokenizer(cfg.tokenizer, context_length=cfg.context_length)
+    tokenizer = get_tokenizer(cfg.tokenizer, context_length=cfg.context_length or model.cfg.max_text_len)
     records, index_stats = load_records(cfg.train_jsonl, cfg.train_shards, cfg.image_root)
     loader = ImageTextLoader(records, tokenizer, image_size, cfg.batch_size, train=True, seed=cfg.seed,
                              shard_id=env.rank, num_shards=env.world_size, backend=cfg.data_backend,

@@ -55,7 +55,7 @@ class DaliDecoder:
             mirror = fn.external_source(name="mirror", dtype=types.INT32)
             img = fn.decoders.image_slice(enc, anchor, shape, device=decoder_device, output_type=types.RGB,
                                           axis_names="WH", normalized_anchor=False, normalized_shape=False)
-            img = fn.resize(img, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
+            img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.crop_mirror_normalize(img, mirror=mirror, mean=[MEAN * 255.0] * 3, std=[STD * 255.0] * 3,
                                             output_layout="CHW", dtype=types.FLOAT)
 

@@ -88,11 +88,13 @@ class ImageTextLoader:
         self.step = 0
         self.cursor = 0
         self.stats = DataStats()  # counts of the current epoch
+        self._counted: set[tuple[int, str]] = set()  # records already counted this epoch (refills may revisit them)
 
     # -- position -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "cursor": self.cursor, "seed": self.seed,
-                "num_records": len(self.records), "num_shards": self.num_shards, "stats": dict(self.stats)}
+                "num_records": len(self.records), "num_shards": self.num_shards, "stats": dict(self.stats),
+                "counted": sorted(self._counted)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_records") != len(self.records) or state.get("num_shards") != self.num_shards:
@@ -101,6 +103,7 @@ class ImageTextLoader:
         self.epoch, self.step, self.cursor = int(state["epoch"]), int(state["step"]), int(state["cursor"])
         self.seed = int(state.get("seed", self.seed))
         self.stats = DataStats(state.get("stats", {}))
+        self._counted = {(int(i), str(r)) for i, r in state.get("counted", ())}
 
     def _shard_positions(self, epoch: int) -> np.ndarray:
         n = len(self.records)
@@ -111,38 +114,45 @@ class ImageTextLoader:
         return order[self.shard_id:: self.num_shards]
 
     # -- loading --------------------------------------------------------------------------------------
+    def _count(self, idx: int, reason: str) -> None:
+        """Count a skipped or converted record once per epoch."""
+        key = (idx, reason)
+        if key not in self._counted:
+            self._counted.add(key)
+            self.stats[reason] += 1
+
     def _prepare(self, idx: int, epoch: int):
         """Read and pre-check one record. Returns (bytes, crop, flip, caption) or None (counted)."""
         rec = self.records[idx]
         if not rec.captions:
-            self.stats["empty_caption"] += 1
+            self._count(idx, "empty_caption")
             return None
         try:
             data = rec.read_bytes()
         except FileNotFoundError:
-            self.stats["missing"] += 1
+            self._count(idx, "missing")
             return None
         except EOFError:
-            self.stats["truncated"] += 1
+            self._count(idx, "truncated")
             return None
         except OSError:
-            self.stats["missing"] += 1
+            self._count(idx, "missing")
             return None
         fmt, mode, (w, h) = probe_header(data)
         if fmt is None:
-            self.stats[mode] += 1  # mode holds the reason here
+            self._count(idx, mode)  # mode holds the reason here
             return None
         if fmt not in DECODABLE_FORMATS:
-            self.stats["unsupported"] += 1
+            self._count(idx, "unsupported")
             return None
         if mode in CONVERTED_MODES:
-            self.stats[CONVERTED_MODES[mode]] += 1
+            self._count(idx, CONVERTED_MODES[mode])
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, int(idx)])
         crop, flip = sample_params(w, h, self.train, rng, scale=self.crop_scale)
         caption = rec.captions[int(rng.integers(len(rec.captions)))] if self.train else rec.captions[0]
         return data, crop, flip, caption
 
-    def _decode(self, items):
+    def _decode(self, items, idxs):
         """Decode prepared items; returns (images, list of kept positions)."""
         datas = [it[0] for it in items]
         crops = [it[1] for it in items]
@@ -150,8 +160,8 @@ class ImageTextLoader:
         if self._decoder is not None:
             images, bad = self._decoder(datas, crops, flips)
             kept = [i for i in range(len(items)) if i not in set(bad)]
-            if bad:
-                self.stats["corrupt"] += len(bad)
+            for i in bad:
+                self._count(idxs[i], "corrupt")
             return images, kept
         arrays, kept = [], []
         for i, (d, c, f) in enumerate(zip(datas, crops, flips)):
@@ -159,14 +169,12 @@ class ImageTextLoader:
                 arrays.append(pil_decode_transform(d, self.image_size, c, f))
                 kept.append(i)
             except Exception:  # Pillow raises OSError, SyntaxError, ValueError... on bad data
-                self.stats["corrupt"] += 1
+                self._count(idxs[i], "corrupt")
         images = torch.from_numpy(np.stack(arrays)) if arrays else None
         return images, kept
 
     def _make_batch(self, epoch: int, step: int, positions: np.ndarray, cursor: int):
         want = self.batch_size
-        if not self.drop_last:
-            want = min(want, len(positions) - step * self.batch_size)
         images, indices, captions = [], [], []
         tried = 0
         while len(indices) < want:
@@ -183,7 +191,7 @@ class ImageTextLoader:
                 if prepared is not None:
                     items.append(prepared)
                     idxs.append(idx)
-            imgs, kept = self._decode(items)
+            imgs, kept = self._decode(items, idxs)
             if imgs is not None:
                 images.append(imgs)
                 indices.extend(idxs[k] for k in kept)
@@ -193,11 +201,34 @@ class ImageTextLoader:
                      indices=torch.tensor(indices, dtype=torch.long), captions=captions, epoch=epoch, step=step,
                      cursor=cursor)
 
+    def _make_chunk(self, epoch: int, step: int, positions: np.ndarray):
+        chunk = positions[step * self.batch_size: (step + 1) * self.batch_size]
+        items, idxs = [], []
+        for idx in chunk.tolist():
+            prepared = self._prepare(idx, epoch)
+            if prepared is not None:
+                items.append(prepared)
+                idxs.append(idx)
+        imgs, kept = self._decode(items, idxs) if items else (None, [])
+        cursor = (step + 1) * self.batch_size
+        if imgs is None:
+            return None, cursor
+        captions = [items[k][3] for k in kept]
+        ids, mask = self.tokenizer(captions)
+        return Batch(images=imgs, input_ids=ids, attention_mask=mask,
+                     indices=torch.tensor([idxs[k] for k in kept], dtype=torch.long), captions=captions,
+                     epoch=epoch, step=step, cursor=cursor), cursor
+
     def _produce(self, epoch: int, start_step: int, cursor: int):
         positions = self._shard_positions(epoch)
         for step in range(start_step, self.steps_per_epoch):
-            batch = self._make_batch(epoch, step, positions, cursor)
-            cursor = batch.cursor
+            if self.drop_last:
+                batch = self._make_batch(epoch, step, positions, cursor)
+                cursor = batch.cursor
+            else:
+                batch, cursor = self._make_chunk(epoch, step, positions)
+                if batch is None:  # nothing usable in this chunk
+                    continue
             yield batch
 
     def __len__(self) -> int:
@@ -211,6 +242,7 @@ class ImageTextLoader:
             self.epoch, self.step, self.cursor = epoch, 0, 0
         if step == 0 and cursor == 0:
             self.stats = DataStats()
+            self._counted = set()
         gen = self._produce(epoch, step, cursor)
         if self.prefetch > 0:
             gen = _prefetched(gen, self.prefetch)
@@ -268,18 +300,13 @@ def load_eval_set(records: Sequence[Record], image_size: int, *, backend: str = 
     """
     loader = ImageTextLoader(records, _no_tokenizer, image_size, min(batch_size, len(records)), train=False,
                              backend=backend, device=device, shuffle=False, drop_last=False)
-    images, captions, owner, seen = [], [], [], set()
+    images, captions, owner = [], [], []
     for batch in loader:
         for row, idx in enumerate(batch.indices.tolist()):
-            if idx in seen:  # a wrap-around refill near the end of the pass
-                continue
-            seen.add(idx)
             images.append(batch.images[row])
             for cap in records[idx].captions:
                 captions.append(cap)
                 owner.append(len(images) - 1)
-        if len(seen) + loader.stats.skipped >= len(records):
-            break
     if not images:
         raise ValueError(f"no usable evaluation sample ({loader.stats.summary()})")
     return torch.stack(images), captions, torch.tensor(owner, dtype=torch.long), loader.stats

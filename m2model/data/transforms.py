@@ -60,7 +60,7 @@ def sample_params(width: int, height: int, train: bool, rng: np.random.Generator
 
 
 def pil_decode_transform(data: bytes, image_size: int, crop, flip: bool) -> np.ndarray:
-    """Pillow path: decode, convert to RGB, crop, resize (antialiased bilinear), flip, normalise.
+    """Pillow path: decode, convert to RGB, crop, resize (antialiased bicubic, as the official evaluation transform), flip, normalise.
 
     Returns float32 [3, S, S]. Raises on undecodable data (the caller counts and skips).
     """
@@ -73,7 +73,7 @@ def pil_decode_transform(data: bytes, image_size: int, crop, flip: bool) -> np.n
     x, y, w, h = crop
     if (x, y, w, h) != (0, 0, rgb.width, rgb.height):
         rgb = rgb.crop((x, y, x + w, y + h))
-    rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     if flip:
         rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0

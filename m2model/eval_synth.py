@@ -1,0 +1,111 @@
+"""Zero-shot evaluation of a trained checkpoint on the held-out split of ``m2model.synth``, in English and
+Chinese: image-text retrieval (R@1/5/10 both ways, MR) and colour x shape classification.
+
+    python -m m2model.eval_synth --data DIR --checkpoint RUN_DIR_OR_CKPT [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def load_trained(checkpoint: str, device: str = "cpu"):
+    """(model, tokenizer, train config) from a checkpoint written by ``m2model.train`` (or its run folder)."""
+    from m2model.tokenizers import get_tokenizer
+    from m2model.train import build_model, list_checkpoints, load_config
+
+    if os.path.isdir(checkpoint):
+        found = list_checkpoints(checkpoint)
+        if not found:
+            raise ValueError(f"no checkpoint-*.pt in {checkpoint}")
+        checkpoint = found[-1]
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{checkpoint} is not a checkpoint written by m2model.train")
+    cfg = load_config(None, {k: v for k, v in ckpt["config"].items()})
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    tokenizer = get_tokenizer(cfg.tokenizer, context_length=model.cfg.max_text_len)
+    return model, tokenizer, cfg
+
+
+@torch.no_grad()
+def evaluate_synth(model, tokenizer, data_dir: str, batch_size: int = 128, progress: bool = False) -> dict:
+    from m2model.evaluate import (
+        evaluate_retrieval,
+        load_image,
+        load_retrieval_jsonl,
+        zero_shot_accuracy,
+        zero_shot_classifier,
+    )
+
+    with open(os.path.join(data_dir, "classes.json"), encoding="utf-8") as f:
+        classes = json.load(f)
+    results = {}
+    for lang in ("en", "zh"):
+        path = os.path.join(data_dir, f"val_{lang}.jsonl")
+        data = load_retrieval_jsonl(path)
+        retrieval = evaluate_retrieval(model, tokenizer, data, batch_size=batch_size, progress=progress)
+        with open(path, encoding="utf-8") as f:
+            labels = torch.tensor([json.loads(line)["label"] for line in f if line.strip()])
+        images = torch.stack([load_image(p, model.cfg.image_size) for p in data.images])
+        classifier = zero_shot_classifier(model, tokenizer, classes[lang]["classnames"], classes[lang]["templates"],
+                                          progress=progress)
+        batches = list(zip(images.split(batch_size), labels.split(batch_size)))
+        acc = zero_shot_accuracy(model, classifier, batches, ks=(1, 5), progress=progress)
+        results[lang] = {"classification": acc, "retrieval": retrieval,
+                         "num_classes": len(classes[lang]["classnames"]),
+                         "chance_top1": 100.0 / len(classes[lang]["classnames"]),
+                         "chance_R@1": 100.0 / retrieval["num_images"]}
+    return results
+
+
+def format_table(results: dict) -> str:
+    head = (f"| {'language':8} | {'top-1':>6} | {'top-5':>6} | {'I2T R@1':>7} | {'R@5':>5} | {'R@10':>5} | "
+            f"{'T2I R@1':>7} | {'R@5':>5} | {'R@10':>5} | {'MR':>5} | {'chance R@1':>10} |")
+    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    for lang, r in results.items():
+        c, t = r["classification"], r["retrieval"]
+        lines.append(f"| {lang:8} | {c['top1']:6.1f} | {c.get('top5', float('nan')):6.1f} | {t['i2t_R@1']:7.1f} | "
+                     f"{t['i2t_R@5']:5.1f} | {t['i2t_R@10']:5.1f} | {t['t2i_R@1']:7.1f} | {t['t2i_R@5']:5.1f} | "
+                     f"{t['t2i_R@10']:5.1f} | {t['MR']:5.1f} | {r['chance_R@1']:10.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m m2model.eval_synth", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="folder written by python -m m2model.synth")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--min-top1", type=float, default=None, help="exit 1 when a language's top-1 is lower")
+    ap.add_argument("--min-r1-over-chance", type=float, default=None,
+                    help="exit 1 when a retrieval R@1 (either direction) is below this multiple of chance")
+    args = ap.parse_args(argv)
+    model, tokenizer, _ = load_trained(args.checkpoint)
+    results = evaluate_synth(model, tokenizer, args.data)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+    ok = True
+    for lang, r in results.items():
+        if args.min_top1 is not None and r["classification"]["top1"] < args.min_top1:
+            print(f"FAIL {lang}: top-1 {r['classification']['top1']:.1f} < {args.min_top1}", file=sys.stderr)
+            ok = False
+        if args.min_r1_over_chance is not None:
+            for d in ("i2t", "t2i"):
+                if r["retrieval"][f"{d}_R@1"] < args.min_r1_over_chance * r["chance_R@1"]:
+                    print(f"FAIL {lang}: {d} R@1 {r['retrieval'][f'{d}_R@1']:.1f} < "
+                          f"{args.min_r1_over_chance} x chance", file=sys.stderr)
+                    ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
