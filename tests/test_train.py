@@ -1,0 +1,151 @@
+"""Training: loss falls, exact resume after a signal, config parsing, schedule, 2-process grouped run."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from m2model.synth import generate
+from m2model.train import TrainConfig, cosine_schedule, load_config, parse_args, train
+
+TINY = {"width": 32, "heads": 2, "ffn_dim": 64, "num_layers": 1, "num_shared_layers": 1, "embed_dim": 16,
+        "image_size": 16, "patch_size": 8, "max_text_len": 20}
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    generate(str(out), num_train=96, num_val=8, size=32, seed=0, samples_per_shard=40)
+    return out
+
+
+def _cfg(synth_dir, out, **kw):
+    base = dict(model="tiny", model_overrides=dict(TINY), train_jsonl=str(synth_dir / "train.jsonl"),
+                batch_size=8, max_steps=6, lr=2e-3, warmup_steps=2, output_dir=str(out), log_every=1,
+                progress=False, seed=0, num_threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_loss_falls(synth_dir, tmp_path):
+    losses = []
+    cfg = _cfg(synth_dir, tmp_path, train_jsonl=None, train_shards=str(synth_dir / "shards" / "train-*.tar"),
+               batch_size=16, max_steps=40, lr=3e-3, warmup_steps=5, weight_decay=0.0)
+    out = train(cfg, on_step=lambda step, m: losses.append(m["loss"]))
+    assert out["step"] == 40 and len(losses) == 40
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    steps = [x for x in lines if "loss" in x and "event" not in x]
+    assert len(steps) == 40 and {"lr", "images_per_s", "logit_scale"} <= set(steps[0])
+    epochs = [x for x in lines if x.get("event") == "epoch_end"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2, 3, 4, 5] and all(e["data"] == {} for e in epochs)
+    assert os.path.exists(out["checkpoint"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision):
+    """Uninterrupted 7 steps == 3 steps, SIGTERM (checkpoint), resume, 4 more steps: bit-identical
+    parameters and optimizer state. Dropout is on, so the restored RNG state matters."""
+    over = dict(TINY, dropout=0.1)
+    kw = dict(model_overrides=over, max_steps=7, batch_size=12, precision=precision)
+    ref = train(_cfg(synth_dir, tmp_path / "ref", **kw))["model"]
+
+    def stop_at_3(step, metrics):
+        if step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    part = train(_cfg(synth_dir, tmp_path / "run", **kw), on_step=stop_at_3)
+    assert part["interrupted"] and part["step"] == 3
+    assert os.path.basename(part["checkpoint"]) == "checkpoint-00000003.pt"
+    assert not [f for f in os.listdir(tmp_path / "run") if ".tmp" in f]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    resumed = train(_cfg(synth_dir, tmp_path / "run", resume="auto", **kw))
+    assert resumed["step"] == 7 and not resumed["interrupted"]
+    for (name, a), b in zip(ref.state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    # and the run did move: not equal to the checkpoint it resumed from
+    start = torch.load(part["checkpoint"], weights_only=False)["model"]
+    assert not all(torch.equal(start[k], v) for k, v in resumed["model"].state_dict().items())
+    ck_ref = torch.load(tmp_path / "ref" / "checkpoint-00000007.pt", weights_only=False)
+    ck_res = torch.load(tmp_path / "run" / "checkpoint-00000007.pt", weights_only=False)
+    for a, b in zip(ck_ref["optimizer"]["state"].values(), ck_res["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ck_ref["loader"] == ck_res["loader"] and ck_ref["scheduler"] == ck_res["scheduler"]
+
+
+def test_periodic_checkpoints_are_pruned(synth_dir, tmp_path):
+    train(_cfg(synth_dir, tmp_path, max_steps=6, save_every=2, keep_checkpoints=2))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000004.pt", "checkpoint-00000006.pt", "config.json",
+                                            "metrics.jsonl"]
+
+
+def test_config_file_and_cli_overrides(tmp_path, synth_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train_jsonl: {synth_dir / 'train.jsonl'}\nlr: 5e-4\nbatch_size: 4\n"
+                    "model_overrides: {image_size: 16, patch_size: 8}\n")
+    cfg = parse_args(["--config", str(path), "--batch_size", "8", "--betas", "[0.9, 0.95]", "--resume"
+                      , "true"])
+    assert cfg.lr == 5e-4 and isinstance(cfg.lr, float) and cfg.batch_size == 8 and cfg.betas == (0.9, 0.95)
+    assert cfg.model_overrides == {"image_size": 16, "patch_size": 8} and cfg.resume == "auto"
+    jpath = tmp_path / "c.json"
+    jpath.write_text(json.dumps({"train_jsonl": "x.jsonl", "accum_steps": 2}))
+    assert load_config(str(jpath)).accum_steps == 2
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(str(jpath), {"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="batch_size"):
+        load_config(str(jpath), {"batch_size": "eight"})
+    with pytest.raises(ValueError, match="loss_mode"):
+        load_config(str(jpath), {"loss_mode": "everything"})
+    with pytest.raises(ValueError, match="train_jsonl"):
+        load_config(None, {})
+    with pytest.raises(ValueError, match="does not exist"):
+        train(_cfg(synth_dir, tmp_path / "o", resume=str(tmp_path / "nope.pt")))
+    with pytest.raises(ValueError, match="lamb"):
+        train(_cfg(synth_dir, tmp_path / "o", optimizer="lamb"))
+
+
+def test_cosine_schedule():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = cosine_schedule(opt, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(15):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def _spawn_worker(rank, world, init, synth_dir, out, kw, queue):
+    cfg = _cfg(synth_dir, out, **kw)
+    res = train(cfg, rank=rank, world_size=world, init_method=init)
+    queue.put((rank, res["step"], res["loss"], [p.detach().clone() for p in res["model"].parameters()]))
+
+
+def _run_spawn(tmp_path, synth_dir, kw):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_spawn_worker, args=(2, init, synth_dir, tmp_path / "out", kw, queue), nprocs=2, join=True)
+    return sorted([queue.get() for _ in range(2)], key=lambda r: r[0])
+
+
+@pytest.mark.distributed
+def test_two_process_grouped_training(tmp_path, synth_dir):
+    pytest.importorskip("m2kernels.distributed.loss")
+    kw = dict(loss_mode="grouped", max_steps=4, batch_size=8)
+    results = _run_spawn(tmp_path, synth_dir, kw)
+    (_, s0, l0, p0), (_, s1, l1, p1) = results
+    assert s0 == s1 == 4 and l0 == l1 and l0 == l0  # the logged loss is the all-reduced mean
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1))  # DDP keeps replicas identical
+    init = [p.detach() for p in train(_cfg(synth_dir, tmp_path / "o1", max_steps=0))["model"].parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(init, p0))
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    start = lines[0]
+    assert start["world_size"] == 2 and start["loss_mode"] == "grouped"
