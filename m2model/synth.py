@@ -8,8 +8,9 @@ real JPEG file. Captions describe it in both languages ("a large red circle on t
 "左上方的一个大的红色圆形"). The output folder holds:
 
 * ``images/{train,val}/NNNNNN.jpg``
-* ``train.jsonl``, ``val.jsonl``: ``{"image", "caption": [en, zh], "label", "caption_en", "caption_zh"}``
-  (the official format plus extra keys), ``val_en.jsonl`` / ``val_zh.jsonl`` (one language each);
+* ``train.jsonl``, ``val.jsonl``: ``{"image", "caption": [en, zh, short en, short zh], "label",
+  "caption_en", "caption_zh"}`` (the official format plus extra keys; the short captions leave out the
+  size and/or the position), ``val_en.jsonl`` / ``val_zh.jsonl`` (the full caption in one language);
 * ``shards/train-NNNNNN.tar``, ``shards/val-NNNNNN.tar``: the same samples as webdataset shards;
 * ``classes.json``: colour x shape class names and prompt templates in both languages, for zero-shot
   classification.
@@ -80,7 +81,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float):
 
 
 def render(rng: np.random.Generator, size: int = 64):
-    """One image and its description: (PIL image, label, en caption, zh caption)."""
+    """One image and its description: (PIL image, label, en caption, zh caption, short en, short zh)."""
     from PIL import Image, ImageDraw
 
     ci, si = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
@@ -96,9 +97,9 @@ def render(rng: np.random.Generator, size: int = 64):
     im = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(im)
     cell = size / 3
-    r = cell * (rng.uniform(0.22, 0.3) if zi == 0 else rng.uniform(0.42, 0.5))
-    cx = cell * (col + 0.5) + rng.uniform(-0.12, 0.12) * cell
-    cy = cell * (row + 0.5) + rng.uniform(-0.12, 0.12) * cell
+    r = cell * (rng.uniform(0.3, 0.36) if zi == 0 else rng.uniform(0.46, 0.54))
+    cx = cell * (col + 0.5) + rng.uniform(-0.08, 0.08) * cell
+    cy = cell * (row + 0.5) + rng.uniform(-0.08, 0.08) * cell
     rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[ci][2]) + rng.integers(-20, 21, 3), 0, 255))
     shape = SHAPES[si][0]
     if shape == "circle":
@@ -110,7 +111,13 @@ def render(rng: np.random.Generator, size: int = 64):
         size=SIZES[zi][0], colour=COLOURS[ci][0], shape=shape, where=w_en)
     zh = CAPTION_ZH[int(rng.integers(len(CAPTION_ZH)))].format(
         size=SIZES[zi][1], colour=COLOURS[ci][1], shape=SHAPES[si][1], where=w_zh)
-    return im, ci * len(SHAPES) + si, en, zh
+    # a shorter description that leaves out the size, the position, or both
+    drop = int(rng.integers(3))
+    s_en, s_zh = ("" if drop in (0, 2) else SIZES[zi][0] + " "), ("" if drop in (0, 2) else SIZES[zi][1])
+    p_en, p_zh = ("" if drop in (1, 2) else " " + w_en), ("" if drop in (1, 2) else w_zh + "的")
+    short_en = f"a {s_en}{COLOURS[ci][0]} {shape}{p_en}"
+    short_zh = f"{p_zh}一个{s_zh}{COLOURS[ci][1]}{SHAPES[si][1]}"
+    return im, ci * len(SHAPES) + si, en, zh, short_en, short_zh
 
 
 def generate(out: str, num_train: int = 4000, num_val: int = 400, size: int = 64, seed: int = 0,
@@ -127,10 +134,11 @@ def generate(out: str, num_train: int = 4000, num_val: int = 400, size: int = 64
         rng = np.random.default_rng([seed, split_seed])
         rows = []
         for i in range(n):
-            im, label, en, zh = render(rng, size)
+            im, label, en, zh, short_en, short_zh = render(rng, size)
             rel = f"images/{split}/{i:06d}.jpg"
             im.save(os.path.join(out, rel), "JPEG", quality=quality)
-            rows.append({"image": rel, "caption": [en, zh], "label": label, "caption_en": en, "caption_zh": zh})
+            rows.append({"image": rel, "caption": [en, zh, short_en, short_zh], "label": label,
+                         "caption_en": en, "caption_zh": zh})
         _write_jsonl(os.path.join(out, f"{split}.jsonl"), rows)
         if split == "val":
             for lang in ("en", "zh"):

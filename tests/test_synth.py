@@ -28,7 +28,8 @@ def test_generate_is_seeded_and_complete(tmp_path):
     assert len(rows) == 24
     en_names, zh_names = class_names()
     for r in rows:
-        en, zh = r["caption"]
+        en, zh, short_en, short_zh = r["caption"]
+        assert short_en in en or len(short_en) < len(en) + 8
         assert r["caption_en"] == en and r["caption_zh"] == zh
         # the caption names the labelled class in both languages
         colour_en, shape_en = en_names[r["label"]].split()
