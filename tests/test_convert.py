@@ -63,8 +63,9 @@ def official_state_dict(cfg, seed=0):
 
 def _official_layer(sd, pre, x, expert, heads, pad):
     def ln(name, t):
-        return F.layer_norm(t, t.shape[-1:], sd[f"{pre}.{name}.{expert}.weight"], sd[f"{pre}.{name}.{expert}.bias"],
-                            1e-5)
+        return F.layer_norm(
+            t, t.shape[-1:], sd[f"{pre}.{name}.{expert}.weight"], sd[f"{pre}.{name}.{expert}.bias"], 1e-5
+        )
 
     def lin(name, t):
         return F.linear(t, sd[f"{pre}.{name}.{expert}.weight"], sd[f"{pre}.{name}.{expert}.bias"])
@@ -82,7 +83,9 @@ def _official_layer(sd, pre, x, expert, heads, pad):
     h = ln("final_layer_norm", x)
     ffn = f"{pre}.ffn.{expert}"
     h = F.gelu(F.linear(h, sd[f"{ffn}.fc1.weight"], sd[f"{ffn}.fc1.bias"]))
-    h = F.layer_norm(h, h.shape[-1:], sd[f"{ffn}.ffn_layernorm.weight"], sd[f"{ffn}.ffn_layernorm.bias"], 1e-5)
+    h = F.layer_norm(
+        h, h.shape[-1:], sd[f"{ffn}.ffn_layernorm.weight"], sd[f"{ffn}.ffn_layernorm.bias"], 1e-5
+    )
     return x + F.linear(h, sd[f"{ffn}.fc2.weight"], sd[f"{ffn}.fc2.bias"])
 
 
@@ -91,23 +94,39 @@ def _official_stack(sd, stack, n, x, expert, heads, pad):
         x = x * (1 - pad.unsqueeze(-1).to(x.dtype))
     for i in range(n):
         x = _official_layer(sd, f"{stack}.layers.{i}", x, expert, heads, pad)
-    return F.layer_norm(x, x.shape[-1:], sd[f"{stack}.layer_norm.{expert}.weight"],
-                        sd[f"{stack}.layer_norm.{expert}.bias"], 1e-5)
+    return F.layer_norm(
+        x,
+        x.shape[-1:],
+        sd[f"{stack}.layer_norm.{expert}.weight"],
+        sd[f"{stack}.layer_norm.{expert}.bias"],
+        1e-5,
+    )
 
 
 def official_infer(sd, cfg, images=None, ids=None, mask=None):
     """cls_vlffn_feats of the official infer_image / infer_text."""
     if images is not None:
-        x = F.conv2d(images, sd["backbone.vision_embed.proj.weight"], sd["backbone.vision_embed.proj.bias"],
-                     stride=cfg.patch_size).flatten(2).transpose(1, 2)
+        x = (
+            F.conv2d(
+                images,
+                sd["backbone.vision_embed.proj.weight"],
+                sd["backbone.vision_embed.proj.bias"],
+                stride=cfg.patch_size,
+            )
+            .flatten(2)
+            .transpose(1, 2)
+        )
         x = torch.cat([sd["backbone.vision_embed.cls_token"].expand(len(x), -1, -1), x], 1)
-        pos = sd["backbone.encoder.embed_positions.A.weight"][2: 2 + x.shape[1]]  # fairseq positions from 2
+        pos = sd["backbone.encoder.embed_positions.A.weight"][2 : 2 + x.shape[1]]  # fairseq positions from 2
         x = _official_stack(sd, "backbone.encoder", cfg.num_layers, x + pos, "A", cfg.heads, None)
         x = _official_stack(sd, "backbone_vl", cfg.num_shared_layers, x, "A", cfg.heads, None)
         head = "itc_vl_image_proj"
     else:
         pad = mask == 0
-        x = sd["backbone.text_embed.weight"][ids] + sd["backbone.encoder.embed_positions.B.weight"][2: 2 + ids.shape[1]]
+        x = (
+            sd["backbone.text_embed.weight"][ids]
+            + sd["backbone.encoder.embed_positions.B.weight"][2 : 2 + ids.shape[1]]
+        )
         x = _official_stack(sd, "backbone.encoder", cfg.num_layers, x, "B", cfg.heads, pad)
         x = _official_stack(sd, "backbone_vl", cfg.num_shared_layers, x, "A", cfg.heads, pad)  # split -1 -> A
         head = "itc_vl_text_proj"
@@ -131,26 +150,34 @@ def test_converted_model_reproduces_official_inference():
     mask[1, 5:] = 0
     mask[2, 9:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), official_infer(sd, CFG, images=images),
-                                   atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(model.encode_text(ids, mask), official_infer(sd, CFG, ids=ids, mask=mask),
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            model.encode_image(images), official_infer(sd, CFG, images=images), atol=2e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            model.encode_text(ids, mask), official_infer(sd, CFG, ids=ids, mask=mask), atol=2e-5, rtol=1e-4
+        )
         assert torch.isclose(model(images, ids, mask)[2], torch.tensor(2.5).exp())
     # the expert mapping, spot-checked: A = vision, B = language, backbone_vl A = shared
-    torch.testing.assert_close(model.layers[1].q_proj.language.weight,
-                               sd["backbone.encoder.layers.1.self_attn.q_proj.B.weight"])
-    torch.testing.assert_close(model.layers[0].ffn.vision.ffn_layernorm.bias,
-                               sd["backbone.encoder.layers.0.ffn.A.ffn_layernorm.bias"])
-    torch.testing.assert_close(model.shared_layers[1].out_proj.shared.weight,
-                               sd["backbone_vl.layers.1.self_attn.out_proj.A.weight"])
+    torch.testing.assert_close(
+        model.layers[1].q_proj.language.weight, sd["backbone.encoder.layers.1.self_attn.q_proj.B.weight"]
+    )
+    torch.testing.assert_close(
+        model.layers[0].ffn.vision.ffn_layernorm.bias,
+        sd["backbone.encoder.layers.0.ffn.A.ffn_layernorm.bias"],
+    )
+    torch.testing.assert_close(
+        model.shared_layers[1].out_proj.shared.weight, sd["backbone_vl.layers.1.self_attn.out_proj.A.weight"]
+    )
 
 
 def test_wrapped_checkpoints_and_file_loading(tmp_path):
     sd = official_state_dict(CFG, seed=1)
     ref, _ = convert_official_state_dict(sd, CFG)
-    wrapped = [{"state_dict": sd, "epoch": 3},
-               {"module": {f"_forward_module.{k}": v for k, v in sd.items()}},
-               {f"module.{k}": v for k, v in sd.items()}]
+    wrapped = [
+        {"state_dict": sd, "epoch": 3},
+        {"module": {f"_forward_module.{k}": v for k, v in sd.items()}},
+        {f"module.{k}": v for k, v in sd.items()},
+    ]
     for ckpt in wrapped:
         out, report = convert_official_state_dict(ckpt, CFG)
         assert report.ok and out.keys() == ref.keys()
@@ -161,12 +188,21 @@ def test_wrapped_checkpoints_and_file_loading(tmp_path):
     assert report.ok
     torch.testing.assert_close(model.token_embed.weight, sd["backbone.text_embed.weight"])
     torch.testing.assert_close(model.image_pos_embed[0], sd["backbone.encoder.embed_positions.A.weight"][2:])
-    torch.testing.assert_close(model.text_pos_embed[0],
-                               sd["backbone.encoder.embed_positions.B.weight"][2: 2 + CFG.max_text_len])
+    torch.testing.assert_close(
+        model.text_pos_embed[0], sd["backbone.encoder.embed_positions.B.weight"][2 : 2 + CFG.max_text_len]
+    )
     # the size can be read from the tensors
     cfg = infer_config(sd, heads=CFG.heads, max_text_len=CFG.max_text_len)
-    assert (cfg.width, cfg.ffn_dim, cfg.num_layers, cfg.num_shared_layers, cfg.embed_dim, cfg.vocab_size,
-            cfg.image_size, cfg.patch_size) == (CFG.width, CFG.ffn_dim, 2, 2, CFG.embed_dim, 300, 32, 8)
+    assert (
+        cfg.width,
+        cfg.ffn_dim,
+        cfg.num_layers,
+        cfg.num_shared_layers,
+        cfg.embed_dim,
+        cfg.vocab_size,
+        cfg.image_size,
+        cfg.patch_size,
+    ) == (CFG.width, CFG.ffn_dim, 2, 2, CFG.embed_dim, 300, 32, 8)
 
 
 def test_strict_reports_missing_unexpected_and_mismatched():
@@ -177,20 +213,28 @@ def test_strict_reports_missing_unexpected_and_mismatched():
     sd["itc_vl_text_proj.fc.weight"] = torch.zeros(CFG.embed_dim + 1, CFG.width)
     _, report = convert_official_state_dict(sd, CFG)
     assert report.missing == ["layers.1.k_proj.language.bias", "text_proj.weight"]
-    assert sorted(report.unexpected) == ["backbone.encoder.layers.0.self_attn.rel_pos.A.weight",
-                                         "some_new_head.weight"]
+    assert sorted(report.unexpected) == [
+        "backbone.encoder.layers.0.self_attn.rel_pos.A.weight",
+        "some_new_head.weight",
+    ]
     assert len(report.mismatched) == 1 and "itc_vl_text_proj.fc.weight" in report.mismatched[0]
     assert not report.ok
     with pytest.raises(ValueError, match="missing") as err:
         load_official_checkpoint(sd, CFG)
     assert "some_new_head.weight" in str(err.value)
-    model, report = load_official_checkpoint(sd, CFG, strict=False)  # loads what matches, keeps init elsewhere
-    torch.testing.assert_close(model.layers[0].v_proj.vision.weight,
-                               sd["backbone.encoder.layers.0.self_attn.v_proj.A.weight"])
+    model, report = load_official_checkpoint(
+        sd, CFG, strict=False
+    )  # loads what matches, keeps init elsewhere
+    torch.testing.assert_close(
+        model.layers[0].v_proj.vision.weight, sd["backbone.encoder.layers.0.self_attn.v_proj.A.weight"]
+    )
     # a checkpoint for another image size
     with pytest.raises(ValueError, match="embed_positions.A.weight"):
-        load_official_checkpoint(official_state_dict(CFG), get_config("tiny", num_layers=2, num_shared_layers=2,
-                                                                      vocab_size=300, max_text_len=12,
-                                                                      image_size=64))
+        load_official_checkpoint(
+            official_state_dict(CFG),
+            get_config(
+                "tiny", num_layers=2, num_shared_layers=2, vocab_size=300, max_text_len=12, image_size=64
+            ),
+        )
     with pytest.raises(ValueError, match="not an official M2-Encoder checkpoint"):
         infer_config({"foo": torch.zeros(1)})

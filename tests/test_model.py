@@ -18,20 +18,26 @@ def _inputs(cfg, n=3, length=8, seed=1):
     images = torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     ids = torch.randint(0, cfg.vocab_size, (n, length), generator=g)
     mask = torch.ones_like(ids)
-    mask[0, length // 2:] = 0
+    mask[0, length // 2 :] = 0
     return images, ids, mask
 
 
 def test_sizes_and_parameter_counts():
-    sizes = {"base": (768, 12, 3072, 9, 3, 768), "large": (1024, 16, 4096, 21, 3, 1024),
-             "huge": (4096, 32, 16384, 21, 3, 1024)}
+    sizes = {
+        "base": (768, 12, 3072, 9, 3, 768),
+        "large": (1024, 16, 4096, 21, 3, 1024),
+        "huge": (4096, 32, 16384, 21, 3, 1024),
+    }
     for name, alias in (("base", "0.4B"), ("large", "1B"), ("huge", "10B")):
         c = get_config(alias)
         assert (c.width, c.heads, c.ffn_dim, c.num_layers, c.num_shared_layers, c.embed_dim) == sizes[name]
         assert (c.image_size, c.patch_size, c.max_text_len, c.vocab_size) == (224, 16, 52, 115244)
         assert get_config(name) == c
-    for cfg in (get_config("tiny"), get_config("tiny", num_shared_layers=0, vocab_size=500),
-                get_config("tiny", image_size=64, max_text_len=20)):
+    for cfg in (
+        get_config("tiny"),
+        get_config("tiny", num_shared_layers=0, vocab_size=500),
+        get_config("tiny", image_size=64, max_text_len=20),
+    ):
         with torch.device("meta"):
             model = M2Encoder(cfg)
         assert count_parameters(cfg)["total"] == sum(p.numel() for p in model.parameters())

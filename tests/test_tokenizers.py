@@ -36,13 +36,16 @@ def test_bert_layout_round_trip_and_mask(bert):
         n = int(mask[i].sum())
         assert mask[i, :n].all() and not mask[i, n:].any()
         assert ids[i, 0] == bert.cls_id and ids[i, n - 1] == bert.end_id and (ids[i, n:] == bert.pad_id).all()
-        body = ids[i, 1: n - 1].tolist()
+        body = ids[i, 1 : n - 1].tolist()
         assert bert.unk_id not in body
         decoded = bert.decode(ids[i])
         assert bert.encode_one(decoded) == body  # decode -> encode round trip
         # same characters as the lower-cased, accent-free input
         import unicodedata
-        norm = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+
+        norm = "".join(
+            c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn"
+        )
         assert decoded.replace(" ", "") == norm.replace(" ", "")
 
 
@@ -74,23 +77,38 @@ def sp_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("sp")
     corpus = d / "corpus.txt"
     lines = MIXED * 3 + [
-        "今天天气很好，我们去公园散步。", "The weather is nice today, let us walk in the park.",
-        "机器学习 machine learning 和 深度学习 deep learning", "图像 image 文本 text 对齐 alignment",
-        "一张猫的照片 a photo of a cat", "两只狗在草地上奔跑 two dogs running on the grass",
+        "今天天气很好，我们去公园散步。",
+        "The weather is nice today, let us walk in the park.",
+        "机器学习 machine learning 和 深度学习 deep learning",
+        "图像 image 文本 text 对齐 alignment",
+        "一张猫的照片 a photo of a cat",
+        "两只狗在草地上奔跑 two dogs running on the grass",
     ]
     corpus.write_text("\n".join(lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(d / "sp"), vocab_size=200, model_type="unigram",
-        character_coverage=1.0, user_defined_symbols=["[CLS]", "<|endoftext|>", "[MASK]"]
-        + [f"<|blank_{n}|>" for n in range(2, 11)], bos_id=-1, eos_id=-1, unk_piece="[UNK]",
-        normalization_rule_name="identity", remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(d / "sp"),
+        vocab_size=200,
+        model_type="unigram",
+        character_coverage=1.0,
+        user_defined_symbols=["[CLS]", "<|endoftext|>", "[MASK]"] + [f"<|blank_{n}|>" for n in range(2, 11)],
+        bos_id=-1,
+        eos_id=-1,
+        unk_piece="[UNK]",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return d / "sp.model"
 
 
 def test_glm_sentencepiece_conventions(sp_model):
     tok = get_tokenizer(sp_model, context_length=52)
     assert isinstance(tok, GLMTokenizer) and tok.truncation_side == "left"
-    assert tok.cls_id == tok.sp.piece_to_id("[CLS]") and tok.pad_id == tok.end_id == tok.sp.piece_to_id("<|endoftext|>")
+    assert tok.cls_id == tok.sp.piece_to_id("[CLS]") and tok.pad_id == tok.end_id == tok.sp.piece_to_id(
+        "<|endoftext|>"
+    )
     assert tok.vocab_size == tok.sp.get_piece_size()
     ids, mask = tok(MIXED)
     for i, text in enumerate(MIXED):
@@ -120,8 +138,14 @@ def test_glm_special_tokens_missing_from_the_model_get_appended_ids(tmp_path):
     spm = pytest.importorskip("sentencepiece")
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(MIXED * 5), encoding="utf-8")
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "m"), vocab_size=120,
-                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "m"),
+        vocab_size=120,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     tok = GLMTokenizer(tmp_path / "m.model")
     n = tok.sp.get_piece_size()
     # no special token is a piece: ids after the vocabulary in registration order
