@@ -176,7 +176,7 @@ def convert_official_state_dict(
                     f"for {cfg.image_size}px images with {cfg.patch_size}px patches"
                 )
                 continue
-            value = value[2:].unsqueeze(0)
+            value = value[2:].unsqueeze(0).clone()
             report.notes.append(f"{key}: dropped the 2 fairseq offset rows")
         elif ours == "text_pos_embed":
             if value.dim() != 2 or value.shape[0] < cfg.max_text_len + 2:
@@ -189,7 +189,7 @@ def convert_official_state_dict(
                 f"{key}: kept rows 2..{cfg.max_text_len + 1} of {value.shape[0]} "
                 f"(fairseq offset 2, max_text_len {cfg.max_text_len})"
             )
-            value = value[2 : 2 + cfg.max_text_len].unsqueeze(0)
+            value = value[2 : 2 + cfg.max_text_len].unsqueeze(0).clone()
         elif ours == "logit_scale":
             value = value.reshape(())
         if tuple(value.shape) != tuple(target[ours].shape):
@@ -259,5 +259,5 @@ def load_official_checkpoint(
         model = M2Encoder(cfg)  # freshly initialised weights where the checkpoint has none
         model.load_state_dict(new_sd, strict=False)
     else:
-        model.load_state_dict({k: v.clone() for k, v in new_sd.items()}, strict=True, assign=True)
+        model.load_state_dict(new_sd, strict=True, assign=True)
     return model, report

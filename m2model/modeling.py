@@ -239,6 +239,10 @@ class M2Encoder(nn.Module):
             raise ValueError(f"images must have shape [N, 3, {s}, {s}], got {tuple(images.shape)}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
+        if images.device != self.patch_embed.weight.device:
+            raise ValueError(
+                f"images are on {images.device} but the model is on {self.patch_embed.weight.device}"
+            )
 
     def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
@@ -254,6 +258,10 @@ class M2Encoder(nn.Module):
             raise ValueError(
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
                 f"{tuple(getattr(attention_mask, 'shape', ()))}"
+            )
+        if input_ids.device != self.token_embed.weight.device:
+            raise ValueError(
+                f"input_ids are on {input_ids.device} but the model is on {self.token_embed.weight.device}"
             )
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")

@@ -142,6 +142,7 @@ def test_converted_model_reproduces_official_inference():
     assert "itc_text_proj.fc.weight" in dropped and "pooler.dense.weight" in dropped
     assert "backbone_vl.layers.1.ffn.B.fc1.weight" in dropped and "backbone_vl.layer_norm.B.weight" in dropped
     assert not any(k.startswith("backbone.encoder.layers") for k in dropped)
+    assert all(p.requires_grad and p.device.type == "cpu" for p in model.parameters())
     model.eval()
     g = torch.Generator().manual_seed(5)
     images = torch.rand(3, 3, CFG.image_size, CFG.image_size, generator=g) * 2 - 1

@@ -187,6 +187,8 @@ def test_bad_inputs_raise_clear_errors():
         model.encode_image(torch.zeros(2, 3, 16, 16))
     with pytest.raises(TypeError, match="float"):
         model.encode_image(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="model is on cpu"):
+        model.encode_image(images.to("meta"))
     with pytest.raises(ValueError, match="empty batch"):
         model.encode_image(torch.zeros(0, 3, 32, 32))
     with pytest.raises(TypeError, match="int64"):
