@@ -246,3 +246,34 @@ def test_forward_backward_with_m2kernels_cliploss():
             assert p.grad is None or p.grad.abs().sum() == 0, n
         else:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_apex_fused_layernorm_is_used_when_apex_imports(monkeypatch):
+    """A stand-in `apex.normalization.FusedLayerNorm` is picked up; names and outputs stay identical."""
+    import importlib.util
+    import sys
+    import types
+
+    import m2model.modeling as plain
+
+    class FusedLayerNorm(torch.nn.LayerNorm):
+        pass
+
+    apex = types.ModuleType("apex")
+    apex.normalization = types.SimpleNamespace(FusedLayerNorm=FusedLayerNorm)
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.normalization", apex.normalization)
+    spec = importlib.util.spec_from_file_location("m2model._modeling_with_apex", plain.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.HAS_APEX and not plain.HAS_APEX
+    cfg = get_config("tiny")
+    fused, ref = mod.M2Encoder(cfg), plain.M2Encoder(cfg)
+    norms = [m for m in fused.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, FusedLayerNorm) for m in norms)
+    off = mod.M2Encoder(get_config("tiny", use_apex_layernorm=False))
+    assert not any(isinstance(m, FusedLayerNorm) for m in off.modules())
+    fused.load_state_dict(ref.state_dict())  # same parameter names
+    images, ids, mask = _inputs(cfg)
+    for a, b in zip(fused(images, ids, mask), ref(images, ids, mask)):
+        torch.testing.assert_close(a, b)
