@@ -38,8 +38,16 @@ class M2Config:
     check_inputs: bool = True  # validate inputs (shapes, dtypes, id range, empty texts); one host sync
 
     def __post_init__(self):
-        for name in ("width", "heads", "ffn_dim", "embed_dim", "image_size", "patch_size", "vocab_size",
-                     "max_text_len"):
+        for name in (
+            "width",
+            "heads",
+            "ffn_dim",
+            "embed_dim",
+            "image_size",
+            "patch_size",
+            "vocab_size",
+            "max_text_len",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"M2Config.{name} must be a positive int, got {v!r}")
@@ -69,10 +77,28 @@ _SIZES = {
     "large": dict(width=1024, heads=16, ffn_dim=4096, num_layers=21, num_shared_layers=3, embed_dim=1024),
     "huge": dict(width=4096, heads=32, ffn_dim=16384, num_layers=21, num_shared_layers=3, embed_dim=1024),
     # small sizes for tests and CPU demos (bert-base-chinese vocabulary, small images)
-    "tiny": dict(width=64, heads=4, ffn_dim=256, num_layers=2, num_shared_layers=1, embed_dim=32,
-                 image_size=32, patch_size=8, vocab_size=BERT_CHINESE_VOCAB_SIZE),
-    "small": dict(width=256, heads=4, ffn_dim=1024, num_layers=4, num_shared_layers=2, embed_dim=256,
-                  image_size=64, patch_size=8, vocab_size=BERT_CHINESE_VOCAB_SIZE),
+    "tiny": dict(
+        width=64,
+        heads=4,
+        ffn_dim=256,
+        num_layers=2,
+        num_shared_layers=1,
+        embed_dim=32,
+        image_size=32,
+        patch_size=8,
+        vocab_size=BERT_CHINESE_VOCAB_SIZE,
+    ),
+    "small": dict(
+        width=256,
+        heads=4,
+        ffn_dim=1024,
+        num_layers=4,
+        num_shared_layers=2,
+        embed_dim=256,
+        image_size=64,
+        patch_size=8,
+        vocab_size=BERT_CHINESE_VOCAB_SIZE,
+    ),
 }
 _ALIASES = {"0.4B": "base", "1B": "large", "10B": "huge"}
 
@@ -102,17 +128,29 @@ def count_parameters(cfg: M2Config) -> dict[str, int]:
     """
     d, f = cfg.width, cfg.ffn_dim
     ln = 2 * d
-    expert = (4 * (d * d + d)  # q, k, v, out projections
-              + ln  # Sub-LN inside attention
-              + (d * f + f) + (f * d + d) + 2 * f  # fc1, fc2, Sub-LN inside the FFN
-              + 2 * ln)  # pre-attention and pre-FFN LayerNorms
-    embeddings = (3 * cfg.patch_size**2 * d + d  # patch convolution
-                  + d  # class token
-                  + (cfg.num_patches + 1) * d  # image positions
-                  + cfg.vocab_size * d  # token embedding
-                  + cfg.max_text_len * d)  # text positions
+    expert = (
+        4 * (d * d + d)  # q, k, v, out projections
+        + ln  # Sub-LN inside attention
+        + (d * f + f)
+        + (f * d + d)
+        + 2 * f  # fc1, fc2, Sub-LN inside the FFN
+        + 2 * ln
+    )  # pre-attention and pre-FFN LayerNorms
+    embeddings = (
+        3 * cfg.patch_size**2 * d
+        + d  # patch convolution
+        + d  # class token
+        + (cfg.num_patches + 1) * d  # image positions
+        + cfg.vocab_size * d  # token embedding
+        + cfg.max_text_len * d
+    )  # text positions
     modality = cfg.num_layers * 2 * expert + (2 * ln if cfg.num_layers else 0)
     shared = cfg.num_shared_layers * expert + (ln if cfg.num_shared_layers else 0)
     heads = 2 * d * cfg.embed_dim + 1
-    return dict(embeddings=embeddings, modality_layers=modality, shared_layers=shared, heads=heads,
-                total=embeddings + modality + shared + heads)
+    return dict(
+        embeddings=embeddings,
+        modality_layers=modality,
+        shared_layers=shared,
+        heads=heads,
+        total=embeddings + modality + shared + heads,
+    )

@@ -1,4 +1,4 @@
-"""Load the released M2-Encoder checkpoints (``m2_encoder_0.4B.ckpt``, ``_1B``, ``_10B``) into :class:`M2Encoder`.
+"""Load the released M2-Encoder checkpoints (``m2_encoder_{0.4B,1B,10B}.ckpt``) into :class:`M2Encoder`.
 
 The official model (``VLMo`` in alipay/Ant-Multi-Modal-Framework, prj/M2_Encoder) stores a torchscale BEiT3
 ``backbone`` (multiway experts ``.A.`` = vision, ``.B.`` = language), a second torchscale encoder
@@ -11,7 +11,7 @@ official key                                            ours
 backbone.vision_embed.proj.{weight,bias}                patch_embed.{weight,bias}
 backbone.vision_embed.cls_token                         cls_token
 backbone.text_embed.weight                              token_embed.weight
-backbone.encoder.embed_positions.A.weight [P+3, D]      image_pos_embed [1, P+1, D] (rows 2.. : fairseq offset)
+backbone.encoder.embed_positions.A.weight [P+3, D]      image_pos_embed [1, P+1, D] (rows 2.., fairseq)
 backbone.encoder.embed_positions.B.weight [1024, D]     text_pos_embed [1, L, D] (rows 2 .. 2+L)
 backbone.encoder.layers.i.self_attn_layer_norm.A|B      layers.i.attn_norm.vision|language
 backbone.encoder.layers.i.self_attn.{q,k,v,out}_proj.A|B  layers.i.{q,k,v,out}_proj.vision|language
@@ -56,8 +56,10 @@ _SUB = {  # official sub-module path inside a layer -> ours
 _EXPERT = {"A": "vision", "B": "language"}
 _LAYER_RE = re.compile(r"^(backbone\.encoder|backbone_vl)\.layers\.(\d+)\.(.+)\.(A|B)\.(.+)$")
 _NORM_RE = re.compile(r"^(backbone\.encoder|backbone_vl)\.layer_norm\.(A|B)\.(weight|bias)$")
-_DROPPED = re.compile(r"^(visual_tokenizer\.|itc_teacher|pooler\.|norm\.|itc_image_proj\.|itc_text_proj\.|"
-                      r"logit_vl_scale$|backbone\.vision_embed\.mask_token$)")
+_DROPPED = re.compile(
+    r"^(visual_tokenizer\.|itc_teacher|pooler\.|norm\.|itc_image_proj\.|itc_text_proj\.|"
+    r"logit_vl_scale$|backbone\.vision_embed\.mask_token$)"
+)
 
 
 @dataclass
@@ -77,9 +79,15 @@ class ConversionReport:
             more = f" ... (+{len(items) - limit})" if len(items) > limit else ""
             return f"{name} ({len(items)}): {items[:limit]}{more}"
 
-        return "\n".join([block("missing", self.missing), block("unexpected", self.unexpected),
-                          block("mismatched", self.mismatched), block("dropped (unused)", self.dropped),
-                          *self.notes])
+        return "\n".join(
+            [
+                block("missing", self.missing),
+                block("unexpected", self.unexpected),
+                block("mismatched", self.mismatched),
+                block("dropped (unused)", self.dropped),
+                *self.notes,
+            ]
+        )
 
 
 def unwrap_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
@@ -95,7 +103,7 @@ def unwrap_checkpoint(ckpt: dict) -> dict[str, torch.Tensor]:
     for k, v in ckpt.items():
         for prefix in ("_forward_module.", "module."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -136,8 +144,9 @@ def _map_key(key: str) -> tuple[str | None, bool]:
     return None, False
 
 
-def convert_official_state_dict(state_dict: dict, cfg: M2Config,
-                                target: dict[str, torch.Tensor] | None = None):
+def convert_official_state_dict(
+    state_dict: dict, cfg: M2Config, target: dict[str, torch.Tensor] | None = None
+):
     """Official (possibly wrapped) state dict -> (our state dict, :class:`ConversionReport`).
 
     ``target`` is our model's state dict (for shapes); built from ``cfg`` on the meta device when omitted.
@@ -162,24 +171,31 @@ def convert_official_state_dict(state_dict: dict, cfg: M2Config,
         if ours == "image_pos_embed":
             rows = cfg.num_patches + 3
             if value.dim() != 2 or value.shape[0] != rows:
-                report.mismatched.append(f"{key}: got {tuple(value.shape)}, expected ({rows}, {cfg.width}) "
-                                         f"for {cfg.image_size}px images with {cfg.patch_size}px patches")
+                report.mismatched.append(
+                    f"{key}: got {tuple(value.shape)}, expected ({rows}, {cfg.width}) "
+                    f"for {cfg.image_size}px images with {cfg.patch_size}px patches"
+                )
                 continue
-            value = value[2:].unsqueeze(0)
+            value = value[2:].unsqueeze(0).clone()
             report.notes.append(f"{key}: dropped the 2 fairseq offset rows")
         elif ours == "text_pos_embed":
             if value.dim() != 2 or value.shape[0] < cfg.max_text_len + 2:
-                report.mismatched.append(f"{key}: got {tuple(value.shape)}, need at least "
-                                         f"{cfg.max_text_len + 2} rows for max_text_len={cfg.max_text_len}")
+                report.mismatched.append(
+                    f"{key}: got {tuple(value.shape)}, need at least "
+                    f"{cfg.max_text_len + 2} rows for max_text_len={cfg.max_text_len}"
+                )
                 continue
-            report.notes.append(f"{key}: kept rows 2..{cfg.max_text_len + 1} of {value.shape[0]} "
-                                f"(fairseq offset 2, max_text_len {cfg.max_text_len})")
-            value = value[2: 2 + cfg.max_text_len].unsqueeze(0)
+            report.notes.append(
+                f"{key}: kept rows 2..{cfg.max_text_len + 1} of {value.shape[0]} "
+                f"(fairseq offset 2, max_text_len {cfg.max_text_len})"
+            )
+            value = value[2 : 2 + cfg.max_text_len].unsqueeze(0).clone()
         elif ours == "logit_scale":
             value = value.reshape(())
         if tuple(value.shape) != tuple(target[ours].shape):
-            report.mismatched.append(f"{key} -> {ours}: got {tuple(value.shape)}, "
-                                     f"expected {tuple(target[ours].shape)}")
+            report.mismatched.append(
+                f"{key} -> {ours}: got {tuple(value.shape)}, expected {tuple(target[ours].shape)}"
+            )
             continue
         out[ours] = value
     report.missing = [k for k in target if k not in out]
@@ -197,18 +213,30 @@ def infer_config(state_dict: dict, **overrides) -> M2Config:
         rows = sd["backbone.encoder.embed_positions.A.weight"].shape[0]
     except KeyError as e:
         raise ValueError(f"not an official M2-Encoder checkpoint: {e} is missing") from e
-    n_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"backbone\.encoder\.layers\.(\d+)\.", k)))
+    n_layers = 1 + max(
+        int(m.group(1)) for k in sd if (m := re.match(r"backbone\.encoder\.layers\.(\d+)\.", k))
+    )
     n_shared = len({m.group(1) for k in sd if (m := re.match(r"backbone_vl\.layers\.(\d+)\.", k))})
     side = int(round((rows - 3) ** 0.5))
     heads = {768: 12, 1024: 16, 4096: 32}.get(width, max(1, width // 64))
-    fields = dict(width=width, heads=heads, ffn_dim=ffn, num_layers=n_layers, num_shared_layers=n_shared,
-                  embed_dim=embed, vocab_size=vocab, patch_size=patch, image_size=side * patch)
+    fields = dict(
+        width=width,
+        heads=heads,
+        ffn_dim=ffn,
+        num_layers=n_layers,
+        num_shared_layers=n_shared,
+        embed_dim=embed,
+        vocab_size=vocab,
+        patch_size=patch,
+        image_size=side * patch,
+    )
     fields.update(overrides)
     return get_config("base", **fields)
 
 
-def load_official_checkpoint(path_or_state_dict, cfg: M2Config | str | None = None, strict: bool = True,
-                             map_location="cpu"):
+def load_official_checkpoint(
+    path_or_state_dict, cfg: M2Config | str | None = None, strict: bool = True, map_location="cpu"
+):
     """Build an :class:`M2Encoder` and load an official checkpoint into it. Returns (model, report).
 
     ``cfg``: an :class:`M2Config`, a size name ("0.4B", "1B", "10B", ...), or None to infer the size from the
@@ -231,5 +259,5 @@ def load_official_checkpoint(path_or_state_dict, cfg: M2Config | str | None = No
         model = M2Encoder(cfg)  # freshly initialised weights where the checkpoint has none
         model.load_state_dict(new_sd, strict=False)
     else:
-        model.load_state_dict({k: v.clone() for k, v in new_sd.items()}, strict=True, assign=True)
+        model.load_state_dict(new_sd, strict=True, assign=True)
     return model, report

@@ -104,12 +104,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, modality: str, attn_mask: torch.Tensor | None) -> torch.Tensor:
         n, length, d = x.shape
         h = self.attn_norm(x, modality)
-        q, k, v = (p(h, modality).view(n, length, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (
+            p(h, modality).view(n, length, self.heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        a = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         a = a.transpose(1, 2).reshape(n, length, d)
-        x = x + F.dropout(self.out_proj(self.inner_attn_ln(a, modality), modality), self.dropout, self.training)
+        x = x + F.dropout(
+            self.out_proj(self.inner_attn_ln(a, modality), modality), self.dropout, self.training
+        )
         h = self.ffn(self.ffn_norm(x, modality), modality)
         return x + F.dropout(h, self.dropout, self.training)
 
@@ -117,8 +122,9 @@ class Block(nn.Module):
 class M2Encoder(nn.Module):
     """Bilingual image-text dual encoder (M2-Encoder).
 
-    ``encode_image(images)``: float [N, 3, S, S] normalised with mean = std = 0.5 -> [N, embed_dim], unit norm.
-    ``encode_text(input_ids, attention_mask)``: [N, L] ids, mask 1 = token, 0 = pad -> [N, embed_dim], unit norm.
+    ``encode_image(images)``: float [N, 3, S, S], normalised with mean = std = 0.5 -> [N, embed_dim].
+    ``encode_text(input_ids, attention_mask)``: [N, L] ids, mask 1 = token, 0 = pad -> [N, embed_dim].
+    Both embeddings have unit L2 norm.
     ``forward(images, input_ids, attention_mask)`` -> (image_embeds, text_embeds, logit_scale.exp() <= 100).
     """
 
@@ -191,7 +197,9 @@ class M2Encoder(nn.Module):
         x = x + self.image_pos_embed.to(x.dtype)
         return self._run(x, VISION, None)
 
-    def text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def text_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Final hidden states of all text tokens [N, L, width]; padded positions carry no meaning."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -207,12 +215,15 @@ class M2Encoder(nn.Module):
         x = self.image_proj(self.image_tokens(images)[:, 0])
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
         x = self.text_proj(self.text_tokens(input_ids, attention_mask)[:, 0])
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ):
         image_embeds = self.encode_image(images)
         text_embeds = self.encode_text(input_ids, attention_mask)
         return image_embeds, text_embeds, self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
@@ -228,24 +239,41 @@ class M2Encoder(nn.Module):
             raise ValueError(f"images must have shape [N, 3, {s}, {s}], got {tuple(images.shape)}")
         if images.shape[0] == 0:
             raise ValueError("images is an empty batch")
+        if images.device != self.patch_embed.weight.device:
+            raise ValueError(
+                f"images are on {images.device} but the model is on {self.patch_embed.weight.device}"
+            )
 
     def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"input_ids must be an int64/int32 tensor, got "
-                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+            raise TypeError(
+                f"input_ids must be an int64/int32 tensor, got "
+                f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}"
+            )
         if input_ids.dim() != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [N, L] with N, L >= 1, got {tuple(input_ids.shape)}")
         if input_ids.shape[1] > self.cfg.max_text_len:
             raise ValueError(f"text length {input_ids.shape[1]} exceeds max_text_len {self.cfg.max_text_len}")
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(getattr(attention_mask, 'shape', ()))}")
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                f"{tuple(getattr(attention_mask, 'shape', ()))}"
+            )
+        if input_ids.device != self.token_embed.weight.device:
+            raise ValueError(
+                f"input_ids are on {input_ids.device} but the model is on {self.token_embed.weight.device}"
+            )
         if attention_mask.device != input_ids.device:
             raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
-        stats = torch.stack([input_ids.min().long(), input_ids.max().long(),
-                             ((attention_mask != 0) & (attention_mask != 1)).any().long(),
-                             (attention_mask.sum(1) == 0).any().long(),
-                             (attention_mask[:, 0] == 0).any().long()]).tolist()
+        stats = torch.stack(
+            [
+                input_ids.min().long(),
+                input_ids.max().long(),
+                ((attention_mask != 0) & (attention_mask != 1)).any().long(),
+                (attention_mask.sum(1) == 0).any().long(),
+                (attention_mask[:, 0] == 0).any().long(),
+            ]
+        ).tolist()
         lo, hi, bad_mask, empty, no_first = stats
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got values in [{lo}, {hi}]")

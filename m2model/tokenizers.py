@@ -42,8 +42,10 @@ class Tokenizer:
 
     def __init__(self, context_length: int):
         if not isinstance(context_length, int) or context_length < 2:
-            raise ValueError(f"context_length must be an int >= 2 (room for the two special tokens), "
-                             f"got {context_length!r}")
+            raise ValueError(
+                f"context_length must be an int >= 2 (room for the two special tokens), "
+                f"got {context_length!r}"
+            )
         self.context_length = context_length
 
     def encode_one(self, text: str) -> list[int]:
@@ -70,7 +72,7 @@ class Tokenizer:
             body = self.encode_one(text)
             room = length - 2
             if len(body) > room:
-                body = body[len(body) - room:] if self.truncation_side == "left" else body[:room]
+                body = body[len(body) - room :] if self.truncation_side == "left" else body[:room]
             row = [self.cls_id, *body, self.end_id]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[i, : len(row)] = 1
@@ -79,12 +81,15 @@ class Tokenizer:
 
 # --------------------------------------------------------------------------- WordPiece (bert-base-chinese)
 
+
 def bundled_bert_vocab_path() -> Path:
     """Path of the bert-base-chinese vocab.txt inside the installed cn-clip wheel (nothing is imported)."""
     spec = importlib.util.find_spec("cn_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default tokenizer needs the bert-base-chinese vocabulary shipped in the "
-                                "cn-clip wheel: `pip install --no-deps cn-clip`, or pass a vocab.txt path")
+        raise FileNotFoundError(
+            "the default tokenizer needs the bert-base-chinese vocabulary shipped in the "
+            "cn-clip wheel: `pip install --no-deps cn-clip`, or pass a vocab.txt path"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "clip" / "vocab.txt"
     if not path.is_file():
         raise FileNotFoundError(f"cn-clip is installed but {path} is missing")
@@ -92,9 +97,16 @@ def bundled_bert_vocab_path() -> Path:
 
 
 def _is_cjk(cp: int) -> bool:
-    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
-            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
-            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
 
 
 def _is_punct(ch: str) -> bool:
@@ -109,8 +121,12 @@ class BertTokenizer(Tokenizer):
 
     truncation_side = "right"
 
-    def __init__(self, vocab_file: str | os.PathLike | None = None, context_length: int = 52,
-                 max_chars_per_word: int = 100):
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike | None = None,
+        context_length: int = 52,
+        max_chars_per_word: int = 100,
+    ):
         super().__init__(context_length)
         path = Path(vocab_file) if vocab_file is not None else bundled_bert_vocab_path()
         with open(path, encoding="utf-8") as f:
@@ -179,7 +195,11 @@ class BertTokenizer(Tokenizer):
         for t in toks:
             if t.startswith("##"):
                 out += t[2:]
-            elif out and (len(t) > 1 or t.isascii() and t.isalnum()) and (out[-1].isascii() and out[-1].isalnum()):
+            elif (
+                out
+                and (len(t) > 1 or t.isascii() and t.isalnum())
+                and (out[-1].isascii() and out[-1].isalnum())
+            ):
                 out += " " + t
             else:
                 out += t
@@ -187,6 +207,7 @@ class BertTokenizer(Tokenizer):
 
 
 # --------------------------------------------------------------------------- GLM SentencePiece
+
 
 def _encode_whitespaces(text: str) -> str:
     for n in range(10, 1, -1):
@@ -212,8 +233,12 @@ class GLMTokenizer(Tokenizer):
     truncation_side = "left"
     SPECIAL_ORDER = ("<|endoftext|>", "[UNK]", "[CLS]", "[MASK]")
 
-    def __init__(self, model_file: str | os.PathLike, context_length: int = 52,
-                 special_ids: dict[str, int] | None = None):
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        context_length: int = 52,
+        special_ids: dict[str, int] | None = None,
+    ):
         super().__init__(context_length)
         try:
             import sentencepiece as spm
@@ -252,8 +277,9 @@ class GLMTokenizer(Tokenizer):
         return _decode_whitespaces(self.sp.decode(body))
 
 
-def get_tokenizer(name_or_path: str | os.PathLike = "bert-base-chinese", context_length: int = 52,
-                  **kwargs) -> Tokenizer:
+def get_tokenizer(
+    name_or_path: str | os.PathLike = "bert-base-chinese", context_length: int = 52, **kwargs
+) -> Tokenizer:
     """``"bert-base-chinese"`` (bundled default), a ``*.model`` SentencePiece file (official GLM tokenizer),
     a ``vocab.txt`` (WordPiece), or a directory holding ``sp.model`` or ``vocab.txt``."""
     name = str(name_or_path)
