@@ -339,33 +339,30 @@ def test_wrong_forward_structure():
 # two processes, gloo, DDP with no_sync
 # ------------------------------------------------------------------------------------------------
 
-WORLD, K, B = 2, 3, 4
+K, B = 3, 4
+
+# (world, mode, group_size, dropout): "local" is the single-process loss on each rank's own K*b samples;
+# grouped with n < world is GBA-ITC proper; global/ring are exact global-batch losses.
+CONFIGS = {
+    2: [(mode, n, p) for mode, n in [("local", None), ("grouped", 1), ("grouped", 2), ("global", None)]
+        for p in (0.0, 0.25)],
+    4: [("grouped", 2, 0.25), ("ring", None, 0.0)],
+}
+ALL_CONFIGS = [(w, *cfg) for w, cfgs in CONFIGS.items() for cfg in cfgs]
 
 
 def _make_loss(mode: str, group_size: int | None):
-    if mode == "local":  # the single-process loss on each rank's own K*b samples
+    if mode == "local":
         return ClipLoss(backend="torch")
     return ClipLoss(mode=mode, group_size=group_size, backend="torch")
 
 
-def _dist_modes():
-    modes = [("local", None)]
-    try:
-        ClipLoss(mode="grouped", group_size=1)
-    except TypeError:  # the distributed modes are not available
-        return modes
-    return modes + [("grouped", 1), ("grouped", 2), ("global", None)]
-
-
-CONFIGS = [(mode, n, p) for mode, n in _dist_modes() for p in (0.0, 0.25)]
-
-
-def _run_config(rank, mode, group_size, p_drop):
+def _run_config(rank, world, mode, group_size, p_drop):
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    images, texts = make_data(K, B, seed=20, ranks=WORLD)
+    images, texts = make_data(K, B, seed=20, ranks=world)
     model = DDP(TwoTower(p_drop=p_drop).double())
     calls = {"n": 0}
 
@@ -383,7 +380,7 @@ def _run_config(rank, mode, group_size, p_drop):
     grads = grads_of(model.module)
     mean_loss = loss.clone()
     dist.all_reduce(mean_loss)
-    mean_loss /= WORLD
+    mean_loss /= world
     # without no_sync, DDP all-reduces after every re-run (K times the hook calls), same gradients
     model.zero_grad()
     torch.manual_seed(500 + rank)
@@ -394,30 +391,30 @@ def _run_config(rank, mode, group_size, p_drop):
             "synced_calls": synced_calls, "unsynced_calls": calls["n"] - synced_calls}
 
 
-def _worker(rank, init_file, out_dir):
+def _worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        results = {cfg: _run_config(rank, *cfg) for cfg in CONFIGS}
+        results = {cfg: _run_config(rank, world, *cfg) for cfg in CONFIGS[world]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _reference(mode, group_size, p_drop):
+def _reference(world, mode, group_size, p_drop):
     """Single-process float64: mean over sub-groups of the loss on each sub-group's concatenated batch."""
-    images, texts = make_data(K, B, seed=20, ranks=WORLD)
+    images, texts = make_data(K, B, seed=20, ranks=world)
     model = TwoTower(p_drop=p_drop).double()
     feats = []
-    for r in range(WORLD):  # same dropout masks as rank r drew in add()
+    for r in range(world):  # same dropout masks as rank r drew in add()
         torch.manual_seed(500 + r)
         outs = [model(images[r, i], texts[r, i]) for i in range(K)]
         feats.append((torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs]), outs[0][2]))
-    n = {"local": 1, "global": WORLD}.get(mode, group_size)
+    n = {"local": 1, "global": world, "ring": world}.get(mode, group_size)
     losses = []
-    for g0 in range(0, WORLD, n):
+    for g0 in range(0, world, n):
         grp = feats[g0:g0 + n]
         img, txt = torch.cat([f[0] for f in grp]), torch.cat([f[1] for f in grp])
         losses.append(clip_loss_ref(img, txt, grp[0][2]))
@@ -426,27 +423,38 @@ def _reference(mode, group_size, p_drop):
     return loss.detach(), grads_of(model)
 
 
-@pytest.fixture(scope="module")
-def ddp_results():
-    """One 2-process gloo run (spawning is the slow part) that goes through every configuration."""
+_DDP_RESULTS: dict = {}
+
+
+def _ddp_results(world):
+    """One gloo run per world size (spawning is the slow part) that goes through its configurations."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+    if world not in _DDP_RESULTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+            _DDP_RESULTS[world] = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
+    return _DDP_RESULTS[world]
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode,group_size,p_drop", CONFIGS)
-def test_ddp_gloo_matches_single_process(ddp_results, mode, group_size, p_drop):
-    ref_loss, ref_grads = _reference(mode, group_size, p_drop)
-    for r, per_rank in enumerate(ddp_results):
-        res = per_rank[(mode, group_size, p_drop)]
+@pytest.mark.parametrize("world,mode,group_size,p_drop", ALL_CONFIGS)
+def test_ddp_gloo_matches_single_process(world, mode, group_size, p_drop):
+    results = [per_rank[(mode, group_size, p_drop)] for per_rank in _ddp_results(world)]
+    ref_loss, ref_grads = _reference(world, mode, group_size, p_drop)
+    for r, res in enumerate(results):
         torch.testing.assert_close(res["mean_loss"], ref_loss, rtol=1e-10, atol=1e-12)
         assert_grads_equal(res["grads"], ref_grads, rtol=1e-9, atol=1e-12)
         assert_grads_equal(res["unsynced_grads"], ref_grads, rtol=1e-9, atol=1e-12)
         assert res["synced_calls"] >= 1
         assert res["unsynced_calls"] == K * res["synced_calls"], f"rank {r}: no_sync was not honoured"
-    if mode == "local":  # each rank's loss is its own batch's loss; they differ across ranks
-        assert not torch.equal(ddp_results[0][(mode, group_size, p_drop)]["loss"],
-                               ddp_results[1][(mode, group_size, p_drop)]["loss"])
+    if mode in ("local", "grouped") and group_size != world:  # the ranks' (sub-groups') losses differ
+        assert not torch.equal(results[0]["loss"], results[-1]["loss"])
+
+
+@pytest.mark.distributed
+def test_grouped_differs_from_global():
+    """With sub-groups smaller than the world, GBA-ITC is another objective than the global-batch loss."""
+    grouped, _ = _reference(4, "grouped", 2, 0.25)
+    global_, _ = _reference(4, "global", None, 0.25)
+    assert abs(grouped - global_) > 1e-3
