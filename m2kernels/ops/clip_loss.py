@@ -524,14 +524,29 @@ def prepare_inputs(image_features, text_features, logit_scale, logit_bias, label
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
               logit_bias: Optional[torch.Tensor] = None, *, label_smoothing: float = 0.0,
               backend: str = "auto", chunk_size: Optional[int] = None, deterministic: bool = False,
-              check_finite: bool = False) -> torch.Tensor:
+              check_finite: bool = False, mode: Optional[str] = None, group=None,
+              group_size: Optional[int] = None) -> torch.Tensor:
     """Exact bidirectional CLIP loss without materialising the B x B logits (single process).
+
+    With ``mode`` (``"global"``, ``"ring"``, ``"hierarchical"``, ``"grouped"``) it is this rank's share
+    of the loss over the process group ``group`` (``group_size`` ranks per sub-group): see
+    ``m2kernels.distributed.distributed_clip_loss`` and docs/distributed.md.
 
     Equal to ``open_clip.loss.ClipLoss()(image_features, text_features, logit_scale, logit_bias)``:
     ``0.5 * (CE(S, arange) + CE(S^T, arange))`` with ``S = logit_scale * X Y^T + logit_bias``.
     ``logit_scale`` is already exponentiated. Differentiable in both feature matrices, the scale and
     the bias (whose gradient is exactly 0: the loss is shift-invariant).
     """
+    if mode is not None:
+        from m2kernels.distributed.loss import distributed_clip_loss
+
+        return distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, mode=mode,
+                                     group=group, group_size=group_size, label_smoothing=label_smoothing,
+                                     backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                     check_finite=check_finite)
+    if group is not None or group_size is not None:
+        raise ValueError("group and group_size need a distributed mode (mode='global', 'ring', "
+                         "'hierarchical' or 'grouped')")
     x, y, scale, bias, eps, backend = prepare_inputs(
         image_features, text_features, logit_scale, logit_bias, label_smoothing, backend, chunk_size,
         check_finite)
