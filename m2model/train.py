@@ -293,7 +293,7 @@ def build_loss(cfg: TrainConfig, env: Env) -> torch.nn.Module:
 
 def _make_accumulator(loss_fn, k: int):
     try:
-        from m2kernels.distributed import GBAAccumulator
+        from m2kernels.distributed.gba import GBAAccumulator
     except ImportError:
         return None
     return GBAAccumulator(loss_fn, accum_steps=k)
@@ -450,8 +450,6 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     if k > 1 and accumulator is None:
         raise ValueError("accum_steps > 1 needs m2kernels.distributed.GBAAccumulator, which this installation "
                          "lacks; use accum_steps=1")
-    if accumulator is not None and cfg.precision == "fp16":
-        raise ValueError("GBA accumulation with fp16 loss scaling is not supported; use bf16")
 
     # torch RNG drives dropout; seeded per rank so ranks differ, restored exactly on resume
     torch.manual_seed(cfg.seed + 1000003 * (env.rank + 1))
@@ -543,7 +541,8 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
                 for _ in range(k):
                     batch = next(stream)
                     accumulator.add(forward, *_to(batch, device))
-                loss = accumulator.backward(no_sync=ddp.no_sync if ddp is not None else None)
+                loss = accumulator.backward(no_sync=ddp.no_sync if ddp is not None else None,
+                                            scaler=scaler if scaler.is_enabled() else None)
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

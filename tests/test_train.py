@@ -77,6 +77,19 @@ def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision):
     assert ck_ref["loader"] == ck_res["loader"] and ck_ref["scheduler"] == ck_res["scheduler"]
 
 
+def test_gba_accumulation_matches_one_big_batch(synth_dir, tmp_path):
+    """K=2 micro-batches of 8 through GBAAccumulator == one batch of 16 (same samples, same crops):
+    the same parameters after 3 steps, to float32 summation order."""
+    pytest.importorskip("m2kernels.distributed.gba")
+    big = train(_cfg(synth_dir, tmp_path / "a", batch_size=16, max_steps=3))["model"]
+    acc = train(_cfg(synth_dir, tmp_path / "b", batch_size=8, accum_steps=2, max_steps=3))["model"]
+    for (name, a), b in zip(big.state_dict().items(), acc.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    start = train(_cfg(synth_dir, tmp_path / "c", max_steps=0))["model"]
+    assert not torch.allclose(start.logit_scale, big.logit_scale) or not torch.allclose(
+        start.image_proj.weight, big.image_proj.weight)
+
+
 def test_periodic_checkpoints_are_pruned(synth_dir, tmp_path):
     train(_cfg(synth_dir, tmp_path, max_steps=6, save_every=2, keep_checkpoints=2))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000004.pt", "checkpoint-00000006.pt", "config.json",
@@ -122,30 +135,31 @@ def test_cosine_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
 
 
-def _spawn_worker(rank, world, init, synth_dir, out, kw, queue):
-    cfg = _cfg(synth_dir, out, **kw)
+def _spawn_worker(rank, world, init, synth_dir, out, kw):
+    cfg = _cfg(synth_dir, out / "run", **kw)
     res = train(cfg, rank=rank, world_size=world, init_method=init)
-    queue.put((rank, res["step"], res["loss"], [p.detach().clone() for p in res["model"].parameters()]))
+    torch.save((rank, res["step"], res["loss"], [p.detach() for p in res["model"].parameters()]),
+               out / f"rank{rank}.pt")
 
 
 def _run_spawn(tmp_path, synth_dir, kw):
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_spawn_worker, args=(2, init, synth_dir, tmp_path / "out", kw, queue), nprocs=2, join=True)
-    return sorted([queue.get() for _ in range(2)], key=lambda r: r[0])
+    mp.spawn(_spawn_worker, args=(2, init, synth_dir, tmp_path, kw), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.mark.distributed
 def test_two_process_grouped_training(tmp_path, synth_dir):
-    pytest.importorskip("m2kernels.distributed.loss")
-    kw = dict(loss_mode="grouped", max_steps=4, batch_size=8)
+    """2 gloo processes (file:// rendezvous), grouped loss, GBA accumulation over K=2 micro-batches."""
+    accum_steps = 2
+    pytest.importorskip("m2kernels.distributed.gba")
+    kw = dict(loss_mode="grouped", max_steps=4, batch_size=8, accum_steps=accum_steps)
     results = _run_spawn(tmp_path, synth_dir, kw)
     (_, s0, l0, p0), (_, s1, l1, p1) = results
     assert s0 == s1 == 4 and l0 == l1 and l0 == l0  # the logged loss is the all-reduced mean
     assert all(torch.equal(a, b) for a, b in zip(p0, p1))  # DDP keeps replicas identical
     init = [p.detach() for p in train(_cfg(synth_dir, tmp_path / "o1", max_steps=0))["model"].parameters()]
     assert not all(torch.equal(a, b) for a, b in zip(init, p0))
-    lines = [json.loads(x) for x in open(tmp_path / "out" / "metrics.jsonl")]
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
     start = lines[0]
-    assert start["world_size"] == 2 and start["loss_mode"] == "grouped"
+    assert start["world_size"] == 2 and start["loss_mode"] == "grouped" and start["accum_steps"] == accum_steps
