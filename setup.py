@@ -11,6 +11,6 @@ setup(
     install_requires=["torch>=2.4", "numpy", "einops", "tqdm"],
     extras_require={
         "dev": ["pytest>=8", "ruff", "triton>=3.0", "matplotlib"],
-        "train": ["nvidia-dali-cuda130", "pillow", "webdataset", "matplotlib", "sentencepiece"],
+        "train": ["nvidia-dali-cuda130", "pillow", "webdataset", "matplotlib", "sentencepiece", "pyyaml"],
     },
 )

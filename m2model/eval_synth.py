@@ -55,8 +55,8 @@ def evaluate_synth(model, tokenizer, data_dir: str, batch_size: int = 128, progr
         with open(path, encoding="utf-8") as f:
             labels = torch.tensor([json.loads(line)["label"] for line in f if line.strip()])
         images = torch.stack([load_image(p, model.cfg.image_size) for p in data.images])
-        classifier = zero_shot_classifier(model, tokenizer, classes[lang]["classnames"], classes[lang]["templates"],
-                                          progress=progress)
+        classifier = zero_shot_classifier(model, tokenizer, classes[lang]["classnames"],
+                                          classes[lang]["templates"], progress=progress)
         batches = list(zip(images.split(batch_size), labels.split(batch_size)))
         acc = zero_shot_accuracy(model, classifier, batches, ks=(1, 5), progress=progress)
         results[lang] = {"classification": acc, "retrieval": retrieval,
@@ -72,9 +72,10 @@ def format_table(results: dict) -> str:
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for lang, r in results.items():
         c, t = r["classification"], r["retrieval"]
-        lines.append(f"| {lang:8} | {c['top1']:6.1f} | {c.get('top5', float('nan')):6.1f} | {t['i2t_R@1']:7.1f} | "
-                     f"{t['i2t_R@5']:5.1f} | {t['i2t_R@10']:5.1f} | {t['t2i_R@1']:7.1f} | {t['t2i_R@5']:5.1f} | "
-                     f"{t['t2i_R@10']:5.1f} | {t['MR']:5.1f} | {r['chance_R@1']:10.2f} |")
+        lines.append(f"| {lang:8} | {c['top1']:6.1f} | {c.get('top5', float('nan')):6.1f} | "
+                     f"{t['i2t_R@1']:7.1f} | {t['i2t_R@5']:5.1f} | {t['i2t_R@10']:5.1f} | "
+                     f"{t['t2i_R@1']:7.1f} | {t['t2i_R@5']:5.1f} | {t['t2i_R@10']:5.1f} | {t['MR']:5.1f} | "
+                     f"{r['chance_R@1']:10.2f} |")
     return "\n".join(lines)
 
 

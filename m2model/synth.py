@@ -2,10 +2,10 @@
 
     python -m m2model.synth --out DIR [--train 4000 --val 400 --size 64 --seed 0]
 
-Each image is one coloured shape (circle, square, triangle, star) of one of several colours, small or
-large, at one of nine positions, on a varied light background with a gradient and noise, written as a
-real JPEG file. Captions describe it in both languages ("a large red circle on the top left" /
-"左上方的一个大的红色圆形"). The output folder holds:
+Each image is one coloured shape (circle, square, triangle, star) of one of five colours, small or
+large, in one of the four quadrants or the centre, on a varied light background with a gradient and
+noise, written as a real JPEG file. Captions describe it in both languages ("a large red circle on the
+top left" / "左上方的一个大的红色圆形"). The output folder holds:
 
 * ``images/{train,val}/NNNNNN.jpg``
 * ``train.jsonl``, ``val.jsonl``: ``{"image", "caption": [en, zh, short en, short zh], "label",
@@ -34,8 +34,10 @@ COLOURS = [  # (English, Chinese, RGB)
 ]
 SHAPES = [("circle", "圆形"), ("square", "正方形"), ("triangle", "三角形"), ("star", "星形")]
 SIZES = [("small", "小的"), ("large", "大的")]
-COLS = [("left", "左"), ("center", "中"), ("right", "右")]
-ROWS = [("top", "上"), ("middle", "中"), ("bottom", "下")]
+# positions: the four quadrants and the centre (English, Chinese, centre as a fraction of the image)
+POSITIONS = [("on the top left", "左上方", (0.25, 0.25)), ("on the top right", "右上方", (0.75, 0.25)),
+             ("on the bottom left", "左下方", (0.25, 0.75)), ("on the bottom right", "右下方", (0.75, 0.75)),
+             ("in the center", "中间", (0.5, 0.5))]
 
 TEMPLATES_EN = ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image showing a {}."]
 TEMPLATES_ZH = ["一张{}的照片。", "一个{}。", "{}的图片。", "一幅画着{}的图像。"]
@@ -50,16 +52,6 @@ def class_names() -> tuple[list[str], list[str]]:
     en = [f"{c[0]} {s[0]}" for c in COLOURS for s in SHAPES]
     zh = [f"{c[1]}{s[1]}" for c in COLOURS for s in SHAPES]
     return en, zh
-
-
-def _where(col: int, row: int) -> tuple[str, str]:
-    if col == 1 and row == 1:
-        return "in the center", "中间"
-    if row == 1:
-        return f"on the {COLS[col][0]}", f"{COLS[col][1]}边"
-    if col == 1:
-        return f"at the {ROWS[row][0]}", f"{ROWS[row][1]}方"
-    return f"on the {ROWS[row][0]} {COLS[col][0]}", f"{COLS[col][1]}{ROWS[row][1]}方"
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float):
@@ -85,7 +77,7 @@ def render(rng: np.random.Generator, size: int = 64):
     from PIL import Image, ImageDraw
 
     ci, si = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
-    zi, col, row = int(rng.integers(2)), int(rng.integers(3)), int(rng.integers(3))
+    zi, pi = int(rng.integers(2)), int(rng.integers(len(POSITIONS)))
     # light background: a random pastel gradient plus noise
     c0 = rng.integers(170, 256, 3)
     c1 = np.clip(c0 + rng.integers(-40, 41, 3), 150, 255)
@@ -96,17 +88,18 @@ def render(rng: np.random.Generator, size: int = 64):
     bg = np.clip(bg + rng.normal(0, 6, bg.shape), 0, 255).astype(np.uint8)
     im = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(im)
-    cell = size / 3
-    r = cell * (rng.uniform(0.3, 0.36) if zi == 0 else rng.uniform(0.46, 0.54))
-    cx = cell * (col + 0.5) + rng.uniform(-0.08, 0.08) * cell
-    cy = cell * (row + 0.5) + rng.uniform(-0.08, 0.08) * cell
+    cell = size / 2
+    r = cell * (rng.uniform(0.26, 0.32) if zi == 0 else rng.uniform(0.4, 0.46))
+    fx, fy = POSITIONS[pi][2]
+    cx = size * fx + rng.uniform(-0.06, 0.06) * cell
+    cy = size * fy + rng.uniform(-0.06, 0.06) * cell
     rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[ci][2]) + rng.integers(-20, 21, 3), 0, 255))
     shape = SHAPES[si][0]
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
     else:
         draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.25, 0.25)), fill=rgb)
-    w_en, w_zh = _where(col, row)
+    w_en, w_zh = POSITIONS[pi][0], POSITIONS[pi][1]
     en = CAPTION_EN[int(rng.integers(len(CAPTION_EN)))].format(
         size=SIZES[zi][0], colour=COLOURS[ci][0], shape=shape, where=w_en)
     zh = CAPTION_ZH[int(rng.integers(len(CAPTION_ZH)))].format(

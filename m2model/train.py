@@ -157,7 +157,8 @@ def _coerce(key: str, value, hint):
         if base is str and not isinstance(value, str):
             return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"config key {key!r}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
+        name = getattr(base, "__name__", base)
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {name}") from None
     return value
 
 
@@ -215,7 +216,8 @@ def build_model(cfg: TrainConfig):
 
     mcfg = get_config(cfg.model, **cfg.model_overrides)
     if cfg.context_length is not None and cfg.context_length > mcfg.max_text_len:
-        raise ValueError(f"context_length {cfg.context_length} exceeds the model's max_text_len {mcfg.max_text_len}")
+        raise ValueError(f"context_length {cfg.context_length} exceeds the model's max_text_len "
+                         f"{mcfg.max_text_len}")
     model = M2Encoder(mcfg)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -242,7 +244,8 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devi
             decay.append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
     apex_wanted = str(cfg.use_apex).lower()
-    use_apex = device.type == "cuda" and (apex_wanted == "true" or (apex_wanted == "auto" and _apex_available()))
+    use_apex = device.type == "cuda" and (apex_wanted == "true"
+                                          or (apex_wanted == "auto" and _apex_available()))
     if apex_wanted == "true" and not use_apex:
         raise ValueError("use_apex is true but apex cannot be imported (or the device is not CUDA)")
     if cfg.optimizer == "lamb":
@@ -439,7 +442,8 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     k = cfg.accum_steps
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * (len(loader) // k)
     if total_steps < 1 and cfg.max_steps is None:
-        raise ValueError(f"an epoch has {len(loader)} micro-batches, fewer than accum_steps={k}; set max_steps")
+        raise ValueError(f"an epoch has {len(loader)} micro-batches, fewer than accum_steps={k}; "
+                         "set max_steps")
     ddp = DDP(model) if env.distributed else None
     net = ddp if ddp is not None else model
     optimizer = build_optimizer(cfg, model, device)
@@ -448,8 +452,8 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     loss_fn = build_loss(cfg, env)
     accumulator = _make_accumulator(loss_fn, k) if k > 1 else None
     if k > 1 and accumulator is None:
-        raise ValueError("accum_steps > 1 needs m2kernels.distributed.GBAAccumulator, which this installation "
-                         "lacks; use accum_steps=1")
+        raise ValueError("accum_steps > 1 needs m2kernels.distributed.gba.GBAAccumulator, which this "
+                         "installation lacks; use accum_steps=1")
 
     # torch RNG drives dropout; seeded per rank so ranks differ, restored exactly on resume
     torch.manual_seed(cfg.seed + 1000003 * (env.rank + 1))
@@ -476,7 +480,9 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w", encoding="utf-8") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1, default=str)
-    metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a", encoding="utf-8") if env.main else None
+    metrics_file = None
+    if env.main:
+        metrics_file = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a", encoding="utf-8")
 
     def log(obj: dict) -> None:
         if metrics_file is not None:
@@ -560,8 +566,8 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
                 if env.main:
                     log({"event": "epoch_end", "epoch": ended, "step": step, "data": counts})
                     if counts:
-                        print(f"[data] epoch {ended}: " + ", ".join(f"{a}={b}" for a, b in sorted(counts.items())),
-                              file=sys.stderr)
+                        text = ", ".join(f"{a}={b}" for a, b in sorted(counts.items()))
+                        print(f"[data] epoch {ended}: {text}", file=sys.stderr)
             ended_epochs.clear()
 
             stats = None
@@ -619,9 +625,18 @@ def _sum_counts(counts: dict, env: Env) -> dict:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
+    """A command-line value read as YAML (numbers, booleans, null, lists, mappings), else as a string."""
+    try:
+        import yaml
+    except ImportError:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def parse_args(argv=None) -> TrainConfig:

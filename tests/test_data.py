@@ -181,7 +181,8 @@ def test_shards_roundtrip_truncation_and_webdataset(tmp_path, bad_dataset):
 
 
 def test_make_shards_cli(tmp_path, bad_dataset, capsys):
-    make_shards_main(["--jsonl", str(bad_dataset), "--out", str(tmp_path / "o"), "--samples-per-shard", "100"])
+    make_shards_main(["--jsonl", str(bad_dataset), "--out", str(tmp_path / "o"),
+                      "--samples-per-shard", "100"])
     assert "wrote 12 samples into 1 shards" in capsys.readouterr().out
     assert not [p for p in os.listdir(tmp_path / "o") if p.endswith(".tmp")]
 
@@ -232,7 +233,8 @@ def test_sharding_and_resume_position(tmp_path, backend):
     records = load_jsonl(str(tmp_path / "d.jsonl"))
 
     def make(shard):
-        return ImageTextLoader(records, _tokenizer, 8, 3, seed=5, shard_id=shard, num_shards=2, backend=backend)
+        return ImageTextLoader(records, _tokenizer, 8, 3, seed=5, shard_id=shard, num_shards=2,
+                               backend=backend)
 
     a, b = make(0), make(1)
     ia = torch.cat([x.indices for x in a])
@@ -253,7 +255,8 @@ def test_sharding_and_resume_position(tmp_path, backend):
     resumed.load_state_dict(state)
     rest = [x for _, x in zip(range(4), full_iter(resumed))]
     for x, y in zip(ref[3:], rest):
-        assert torch.equal(x.indices, y.indices) and torch.equal(x.images, y.images) and x.captions == y.captions
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.images, y.images)
+        assert x.captions == y.captions
     with pytest.raises(ValueError, match="loader state"):
         ImageTextLoader(records[:12], _tokenizer, 8, 3, shard_id=0, num_shards=2,
                         backend=backend).load_state_dict(state)

@@ -6,7 +6,8 @@ from .records import DataStats, Record, expand_shard_pattern, load_jsonl, probe_
 from .transforms import pil_decode_transform, random_resized_crop_params
 
 __all__ = [
-    "Batch", "DaliDecoder", "DataStats", "ImageTextLoader", "Record", "dali_available", "expand_shard_pattern",
+    "Batch", "DaliDecoder", "DataStats", "ImageTextLoader", "Record", "dali_available",
+    "expand_shard_pattern",
     "load_eval_set", "load_jsonl", "pil_decode_transform", "probe_header", "random_resized_crop_params",
     "resolve_backend", "scan_shards", "load_records",
 ]

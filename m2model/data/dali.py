@@ -26,8 +26,8 @@ def dali_available() -> bool:
 class DaliDecoder:
     """Decode and transform a list of encoded images into a float32 tensor [N, 3, S, S]."""
 
-    def __init__(self, image_size: int, max_batch_size: int, device: str = "cpu", device_id: int | None = None,
-                 num_threads: int = 1, seed: int = 0):
+    def __init__(self, image_size: int, max_batch_size: int, device: str = "cpu",
+                 device_id: int | None = None, num_threads: int = 1, seed: int = 0):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"DALI device must be 'cpu' or 'cuda', got {device!r}")
         if device == "cuda" and device_id is None:
@@ -56,8 +56,8 @@ class DaliDecoder:
             img = fn.decoders.image_slice(enc, anchor, shape, device=decoder_device, output_type=types.RGB,
                                           axis_names="WH", normalized_anchor=False, normalized_shape=False)
             img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-            return fn.crop_mirror_normalize(img, mirror=mirror, mean=[MEAN * 255.0] * 3, std=[STD * 255.0] * 3,
-                                            output_layout="CHW", dtype=types.FLOAT)
+            return fn.crop_mirror_normalize(img, mirror=mirror, mean=[MEAN * 255.0] * 3,
+                                            std=[STD * 255.0] * 3, output_layout="CHW", dtype=types.FLOAT)
 
         p = pipe()
         p.build()
@@ -78,7 +78,8 @@ class DaliDecoder:
         if not datas:
             return None, []
         if len(datas) > self.max_batch_size:
-            raise ValueError(f"batch of {len(datas)} exceeds the pipeline's max_batch_size {self.max_batch_size}")
+            raise ValueError(f"batch of {len(datas)} exceeds the pipeline's max_batch_size "
+                             f"{self.max_batch_size}")
         if self._pipe is None:
             self._pipe = self._build(self.max_batch_size)
         try:

@@ -74,21 +74,24 @@ class ImageTextLoader:
         self.prefetch = int(prefetch)
         self.backend = resolve_backend(backend)
         self.device = device
-        self._decoder = (DaliDecoder(image_size, batch_size, device=device, num_threads=num_threads, seed=seed)
-                         if self.backend == "dali" else None)
+        self._decoder = None
+        if self.backend == "dali":
+            self._decoder = DaliDecoder(image_size, batch_size, device=device, num_threads=num_threads,
+                                        seed=seed)
         per_shard = len(self.records) // num_shards
         if drop_last:
             self.steps_per_epoch = per_shard // self.batch_size
         else:
             self.steps_per_epoch = -(-len(self._shard_positions(0)) // self.batch_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.records)} records are fewer than one batch of {batch_size} on each of "
-                             f"{num_shards} shards")
+            raise ValueError(f"{len(self.records)} records are fewer than one batch of {batch_size} on each "
+                             f"of {num_shards} shards")
         self.epoch = 0
         self.step = 0
         self.cursor = 0
         self.stats = DataStats()  # counts of the current epoch
-        self._counted: set[tuple[int, str]] = set()  # records already counted this epoch (refills may revisit them)
+        # (record, reason) pairs counted this epoch: refills may revisit a record
+        self._counted: set[tuple[int, str]] = set()
 
     # -- position -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -98,8 +101,9 @@ class ImageTextLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_records") != len(self.records) or state.get("num_shards") != self.num_shards:
-            raise ValueError(f"loader state is for {state.get('num_records')} records on {state.get('num_shards')} "
-                             f"shards, this loader has {len(self.records)} on {self.num_shards}")
+            raise ValueError(f"loader state is for {state.get('num_records')} records on "
+                             f"{state.get('num_shards')} shards, this loader has {len(self.records)} on "
+                             f"{self.num_shards}")
         self.epoch, self.step, self.cursor = int(state["epoch"]), int(state["step"]), int(state["cursor"])
         self.seed = int(state.get("seed", self.seed))
         self.stats = DataStats(state.get("stats", {}))
@@ -182,8 +186,8 @@ class ImageTextLoader:
             items, idxs = [], []
             while len(items) < need:
                 if tried >= len(positions):
-                    raise ValueError(f"shard {self.shard_id}: no decodable sample left in a full pass over its "
-                                     f"{len(positions)} records ({self.stats.summary()})")
+                    raise ValueError(f"shard {self.shard_id}: no decodable sample left in a full pass over "
+                                     f"its {len(positions)} records ({self.stats.summary()})")
                 idx = int(positions[cursor % len(positions)])
                 cursor += 1
                 tried += 1
@@ -198,8 +202,8 @@ class ImageTextLoader:
                 captions.extend(items[k][3] for k in kept)
         ids, mask = self.tokenizer(captions)
         return Batch(images=torch.cat(images), input_ids=ids, attention_mask=mask,
-                     indices=torch.tensor(indices, dtype=torch.long), captions=captions, epoch=epoch, step=step,
-                     cursor=cursor)
+                     indices=torch.tensor(indices, dtype=torch.long), captions=captions, epoch=epoch,
+                     step=step, cursor=cursor)
 
     def _make_chunk(self, epoch: int, step: int, positions: np.ndarray):
         chunk = positions[step * self.batch_size: (step + 1) * self.batch_size]

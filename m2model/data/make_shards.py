@@ -72,9 +72,11 @@ def write_shards(jsonl: str, out_dir: str, image_root: str | None = None, prefix
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m m2model.data.make_shards", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m m2model.data.make_shards",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--jsonl", required=True, help='jsonl with {"image": rel_path, "caption": [...]} lines')
-    ap.add_argument("--image-root", default=None, help="folder the image paths are relative to (default: jsonl's)")
+    ap.add_argument("--image-root", default=None,
+                    help="folder the image paths are relative to (default: the jsonl's)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--prefix", default="shard")
     ap.add_argument("--samples-per-shard", type=int, default=1000)

@@ -60,7 +60,8 @@ def sample_params(width: int, height: int, train: bool, rng: np.random.Generator
 
 
 def pil_decode_transform(data: bytes, image_size: int, crop, flip: bool) -> np.ndarray:
-    """Pillow path: decode, convert to RGB, crop, resize (antialiased bicubic, as the official evaluation transform), flip, normalise.
+    """Pillow path: decode, convert to RGB, crop, resize (antialiased bicubic, as the official evaluation
+    transform), flip, normalise.
 
     Returns float32 [3, S, S]. Raises on undecodable data (the caller counts and skips).
     """
