@@ -3,14 +3,14 @@
     python -m m2model.synth --out DIR [--train 4000 --val 400 --size 64 --seed 0]
 
 Each image is one coloured shape (circle, square, triangle, star) of one of five colours, small or
-large, in one of the four quadrants or the centre, on a varied light background with a gradient and
-noise, written as a real JPEG file. Captions describe it in both languages ("a large red circle on the
-top left" / "左上方的一个大的红色圆形"). The output folder holds:
+large, near the centre, on a light background of one of five named colours with a gradient and noise,
+written as a real JPEG file. Captions describe it in both languages ("a large red circle on a pink
+background" / "粉色背景上的一个大的红色圆形"). The output folder holds:
 
 * ``images/{train,val}/NNNNNN.jpg``
 * ``train.jsonl``, ``val.jsonl``: ``{"image", "caption": [en, zh, short en, short zh], "label",
   "caption_en", "caption_zh"}`` (the official format plus extra keys; the short captions leave out the
-  size and/or the position), ``val_en.jsonl`` / ``val_zh.jsonl`` (the full caption in one language);
+  size and/or the background), ``val_en.jsonl`` / ``val_zh.jsonl`` (the full caption in one language);
 * ``shards/train-NNNNNN.tar``, ``shards/val-NNNNNN.tar``: the same samples as webdataset shards;
 * ``classes.json``: colour x shape class names and prompt templates in both languages, for zero-shot
   classification.
@@ -34,18 +34,19 @@ COLOURS = [  # (English, Chinese, RGB)
 ]
 SHAPES = [("circle", "圆形"), ("square", "正方形"), ("triangle", "三角形"), ("star", "星形")]
 SIZES = [("small", "小的"), ("large", "大的")]
-# positions: the four quadrants and the centre (English, Chinese, centre as a fraction of the image)
-POSITIONS = [("on the top left", "左上方", (0.25, 0.25)), ("on the top right", "右上方", (0.75, 0.25)),
-             ("on the bottom left", "左下方", (0.25, 0.75)), ("on the bottom right", "右下方", (0.75, 0.75)),
-             ("in the center", "中间", (0.5, 0.5))]
+# light backgrounds, named in the captions (English, Chinese, RGB); no name shares a word with a shape colour
+BACKGROUNDS = [("white", "白色", (242, 242, 238)), ("gray", "灰色", (190, 190, 190)),
+               ("pink", "粉色", (245, 196, 214)), ("beige", "米色", (232, 218, 186)),
+               ("cyan", "青色", (190, 238, 238))]
 
 TEMPLATES_EN = ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image showing a {}."]
 TEMPLATES_ZH = ["一张{}的照片。", "一个{}。", "{}的图片。", "一幅画着{}的图像。"]
 
-CAPTION_EN = ["a {size} {colour} {shape} {where}", "{where} there is a {size} {colour} {shape}",
-              "a {colour} {shape}, {size}, {where}"]
-CAPTION_ZH = ["{where}的一个{size}{colour}{shape}", "{where}有一个{size}{colour}{shape}",
-              "一个{size}{colour}{shape}，在{where}"]
+CAPTION_EN = ["a {size} {colour} {shape} on a {bg} background",
+              "on a {bg} background there is a {size} {colour} {shape}",
+              "a {colour} {shape}, {size}, {bg} background"]
+CAPTION_ZH = ["{bg}背景上的一个{size}{colour}{shape}", "{bg}背景上有一个{size}{colour}{shape}",
+              "一个{size}{colour}{shape}，{bg}背景"]
 
 
 def class_names() -> tuple[list[str], list[str]]:
@@ -77,37 +78,36 @@ def render(rng: np.random.Generator, size: int = 64):
     from PIL import Image, ImageDraw
 
     ci, si = int(rng.integers(len(COLOURS))), int(rng.integers(len(SHAPES)))
-    zi, pi = int(rng.integers(2)), int(rng.integers(len(POSITIONS)))
-    # light background: a random pastel gradient plus noise
-    c0 = rng.integers(170, 256, 3)
-    c1 = np.clip(c0 + rng.integers(-40, 41, 3), 150, 255)
+    zi, bi = int(rng.integers(2)), int(rng.integers(len(BACKGROUNDS)))
+    # light background of the named colour: a gradient plus noise
+    c0 = np.array(BACKGROUNDS[bi][2], dtype=np.float64) + rng.integers(-8, 9, 3)
+    c1 = c0 + rng.integers(-25, 26)
     t = np.linspace(0.0, 1.0, size)[:, None, None]
     bg = (c0 * (1 - t) + c1 * t)[:, None, :, :].repeat(size, axis=1).reshape(size, size, 3)
     if rng.random() < 0.5:
         bg = bg.transpose(1, 0, 2)
-    bg = np.clip(bg + rng.normal(0, 6, bg.shape), 0, 255).astype(np.uint8)
+    bg = np.clip(bg + rng.normal(0, 5, bg.shape), 0, 255).astype(np.uint8)
     im = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(im)
-    cell = size / 2
-    r = cell * (rng.uniform(0.26, 0.32) if zi == 0 else rng.uniform(0.4, 0.46))
-    fx, fy = POSITIONS[pi][2]
-    cx = size * fx + rng.uniform(-0.06, 0.06) * cell
-    cy = size * fy + rng.uniform(-0.06, 0.06) * cell
+    r = size * (rng.uniform(0.17, 0.21) if zi == 0 else rng.uniform(0.29, 0.34))
+    cx = size * (0.5 + rng.uniform(-0.1, 0.1))
+    cy = size * (0.5 + rng.uniform(-0.1, 0.1))
     rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[ci][2]) + rng.integers(-20, 21, 3), 0, 255))
     shape = SHAPES[si][0]
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
     else:
         draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.25, 0.25)), fill=rgb)
-    w_en, w_zh = POSITIONS[pi][0], POSITIONS[pi][1]
+    b_en, b_zh = BACKGROUNDS[bi][0], BACKGROUNDS[bi][1]
     en = CAPTION_EN[int(rng.integers(len(CAPTION_EN)))].format(
-        size=SIZES[zi][0], colour=COLOURS[ci][0], shape=shape, where=w_en)
+        size=SIZES[zi][0], colour=COLOURS[ci][0], shape=shape, bg=b_en)
     zh = CAPTION_ZH[int(rng.integers(len(CAPTION_ZH)))].format(
-        size=SIZES[zi][1], colour=COLOURS[ci][1], shape=SHAPES[si][1], where=w_zh)
-    # a shorter description that leaves out the size, the position, or both
+        size=SIZES[zi][1], colour=COLOURS[ci][1], shape=SHAPES[si][1], bg=b_zh)
+    # a shorter description that leaves out the size, the background, or both
     drop = int(rng.integers(3))
     s_en, s_zh = ("" if drop in (0, 2) else SIZES[zi][0] + " "), ("" if drop in (0, 2) else SIZES[zi][1])
-    p_en, p_zh = ("" if drop in (1, 2) else " " + w_en), ("" if drop in (1, 2) else w_zh + "的")
+    p_en = "" if drop in (1, 2) else f" on a {b_en} background"
+    p_zh = "" if drop in (1, 2) else f"{b_zh}背景上的"
     short_en = f"a {s_en}{COLOURS[ci][0]} {shape}{p_en}"
     short_zh = f"{p_zh}一个{s_zh}{COLOURS[ci][1]}{SHAPES[si][1]}"
     return im, ci * len(SHAPES) + si, en, zh, short_en, short_zh

@@ -54,6 +54,7 @@ class TrainConfig:
     data_threads: int = 1
     prefetch: int = 0  # batches decoded ahead in a background thread
     crop_scale: tuple = (0.8, 1.0)
+    flip_prob: float = 0.5  # horizontal flips (0 when captions name left and right)
     # optimisation
     batch_size: int = 32  # per rank and micro-step
     accum_steps: int = 1  # K micro-steps per optimizer step (GBA batch accumulation)
@@ -438,6 +439,7 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     loader = ImageTextLoader(records, tokenizer, image_size, cfg.batch_size, train=True, seed=cfg.seed,
                              shard_id=env.rank, num_shards=env.world_size, backend=cfg.data_backend,
                              device=device.type, num_threads=cfg.data_threads, crop_scale=cfg.crop_scale,
+                             flip_prob=cfg.flip_prob,
                              prefetch=cfg.prefetch)
     k = cfg.accum_steps
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * (len(loader) // k)

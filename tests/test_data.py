@@ -285,3 +285,15 @@ def test_loader_argument_errors(bad_dataset):
         ImageTextLoader(records, _tokenizer, 16, 2, backend="opencv")
     with pytest.raises(ValueError, match="no records"):
         ImageTextLoader([], _tokenizer, 16, 2)
+
+
+def test_prefetch_thread_gives_the_same_batches(bad_dataset):
+    records = load_jsonl(str(bad_dataset))
+    plain = ImageTextLoader(records, _tokenizer, 16, 3, seed=2, backend="pillow")
+    ahead = ImageTextLoader(records, _tokenizer, 16, 3, seed=2, backend="pillow", prefetch=2)
+    a, b = list(plain), list(ahead)
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        assert torch.equal(x.indices, y.indices) and torch.equal(x.images, y.images)
+    assert ahead.state_dict()["cursor"] == plain.state_dict()["cursor"]
+    assert ahead.stats == plain.stats

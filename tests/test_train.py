@@ -90,6 +90,14 @@ def test_gba_accumulation_matches_one_big_batch(synth_dir, tmp_path):
         start.image_proj.weight, big.image_proj.weight)
 
 
+def test_grad_checkpointing_gives_the_same_training(synth_dir, tmp_path):
+    plain = train(_cfg(synth_dir, tmp_path / "a", max_steps=2))["model"]
+    ckpt = train(_cfg(synth_dir, tmp_path / "b", max_steps=2, grad_checkpointing=True))["model"]
+    assert ckpt.grad_checkpointing
+    for (name, a), b in zip(plain.state_dict().items(), ckpt.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_periodic_checkpoints_are_pruned(synth_dir, tmp_path):
     train(_cfg(synth_dir, tmp_path, max_steps=6, save_every=2, keep_checkpoints=2))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-00000004.pt", "checkpoint-00000006.pt", "config.json",

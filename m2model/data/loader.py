@@ -53,7 +53,7 @@ class ImageTextLoader:
     def __init__(self, records: Sequence[Record], tokenizer: Callable, image_size: int, batch_size: int, *,
                  train: bool = True, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  backend: str = "auto", device: str = "cpu", num_threads: int = 1, crop_scale=(0.8, 1.0),
-                 shuffle: bool | None = None, drop_last: bool = True, prefetch: int = 0):
+                 flip_prob: float = 0.5, shuffle: bool | None = None, drop_last: bool = True, prefetch: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_id < num_shards:
@@ -70,6 +70,9 @@ class ImageTextLoader:
         self.shard_id = shard_id
         self.num_shards = num_shards
         self.crop_scale = tuple(crop_scale)
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.flip_prob = float(flip_prob)
         self.drop_last = drop_last
         self.prefetch = int(prefetch)
         self.backend = resolve_backend(backend)
@@ -152,7 +155,7 @@ class ImageTextLoader:
         if mode in CONVERTED_MODES:
             self._count(idx, CONVERTED_MODES[mode])
         rng = np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, int(idx)])
-        crop, flip = sample_params(w, h, self.train, rng, scale=self.crop_scale)
+        crop, flip = sample_params(w, h, self.train, rng, scale=self.crop_scale, flip_prob=self.flip_prob)
         caption = rec.captions[int(rng.integers(len(rec.captions)))] if self.train else rec.captions[0]
         return data, crop, flip, caption
 

@@ -51,12 +51,12 @@ def random_resized_crop_params(width: int, height: int, rng: np.random.Generator
 
 
 def sample_params(width: int, height: int, train: bool, rng: np.random.Generator | None,
-                  scale=(0.8, 1.0)) -> tuple[tuple[int, int, int, int], bool]:
+                  scale=(0.8, 1.0), flip_prob: float = 0.5) -> tuple[tuple[int, int, int, int], bool]:
     """Crop window and flip for one sample; evaluation uses the whole image and no flip."""
     if not train:
         return (0, 0, width, height), False
     crop = random_resized_crop_params(width, height, rng, scale=scale)
-    return crop, bool(rng.random() < 0.5)
+    return crop, bool(rng.random() < flip_prob)
 
 
 def pil_decode_transform(data: bytes, image_size: int, crop, flip: bool) -> np.ndarray:
