@@ -26,6 +26,7 @@ if [ ! -f "$DATA/classes.json" ]; then
   python -m m2model.synth --out "$DATA"
 fi
 
+data_end=$(date +%s)
 echo "== training ($NPROC processes, gloo, grouped aggregation) into $RUN"
 rm -rf "$RUN"
 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m m2model.train \
@@ -37,5 +38,6 @@ status=0
 python -m m2model.eval_synth --data "$DATA" --checkpoint "$RUN" --json "$RUN/results.json" \
   --min-top1 80 --min-r1-over-chance 5 || status=$?
 end=$(date +%s)
-echo "== wall time: $((end - start)) s (training $((train_end - start)) s)"
+echo "== wall time: $((end - start)) s (data $((data_end - start)) s, training $((train_end - data_end)) s," \
+  "evaluation $((end - train_end)) s)"
 exit $status
