@@ -297,3 +297,12 @@ def test_prefetch_thread_gives_the_same_batches(bad_dataset):
         assert torch.equal(x.indices, y.indices) and torch.equal(x.images, y.images)
     assert ahead.state_dict()["cursor"] == plain.state_dict()["cursor"]
     assert ahead.stats == plain.stats
+
+
+def test_backend_falls_back_to_pillow_without_dali(monkeypatch):
+    import m2model.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)
+    assert loader_mod.resolve_backend("auto") == "pillow"
+    with pytest.raises(ValueError, match="cannot be imported"):
+        loader_mod.resolve_backend("dali")

@@ -53,7 +53,8 @@ class ImageTextLoader:
     def __init__(self, records: Sequence[Record], tokenizer: Callable, image_size: int, batch_size: int, *,
                  train: bool = True, seed: int = 0, shard_id: int = 0, num_shards: int = 1,
                  backend: str = "auto", device: str = "cpu", num_threads: int = 1, crop_scale=(0.8, 1.0),
-                 flip_prob: float = 0.5, shuffle: bool | None = None, drop_last: bool = True, prefetch: int = 0):
+                 flip_prob: float = 0.5, shuffle: bool | None = None, drop_last: bool = True,
+                 prefetch: int = 0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= shard_id < num_shards:
