@@ -127,7 +127,8 @@ def _world2(rank, world):
     lo, hi = offs[rank], offs[rank + 1]
     results = []
     for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
-                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")):
+                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                          backend="torch")):
         x = x_all[lo:hi].clone().requires_grad_(True)
         y = y_all[lo:hi].clone().requires_grad_(True)
         scale = s.clone().requires_grad_(True)
@@ -230,7 +231,8 @@ def _world4(rank, world):
     (full * torch.arange(1, 6, dtype=torch.float64)[:, None]).sum().backward()
     offs = [0, 2, 3, 3, 5]
     expect = torch.zeros(2, 3, dtype=torch.float64)
-    expect[:sizes[rank]] = world * torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)[:, None]
+    mine = torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)
+    expect[:sizes[rank]] = world * mine[:, None]
     torch.testing.assert_close(x.grad, expect)
     x = torch.full((3,), float(rank), dtype=torch.float64, requires_grad=True)
     got = C.ring_shift(x)
