@@ -37,8 +37,9 @@ def _mode(name: str) -> str:
 
 def _skip(mode: str, name: str, reason: str) -> None:
     if mode == "1":
-        raise SystemExit(f"m2kernels: {name} was required ({'M2_BUILD_EXT' if name == '_C' else 'M2_BUILD_NCCL'}"
-                         f"=1) but cannot be built: {reason}")
+        flag = "M2_BUILD_EXT" if name == "_C" else "M2_BUILD_NCCL"
+        raise SystemExit(f"m2kernels: the {name} extension was required ({flag}=1) but cannot be built: "
+                         f"{reason}")
     msg = f"m2kernels: not building the {name} extension: {reason}"
     warnings.warn(msg, stacklevel=1)
     print("WARNING: " + msg, file=sys.stderr)

@@ -230,6 +230,14 @@ TORCH_LIBRARY_IMPL(m2kernels, Meta, m) {
   m.impl("ring_exchange_start", &m2kernels::ring_exchange_start_meta);
 }
 
+// The ring step is not differentiable (its outputs never require grad); all_gather_coalesced and
+// reduce_scatter_coalesced get their autograd formulas from m2kernels/_ext.py
+// (torch.library.register_autograd).
+TORCH_LIBRARY_IMPL(m2kernels, Autograd, m) {
+  m.impl("ring_exchange", torch::CppFunction::makeFallthrough());
+  m.impl("ring_exchange_start", torch::CppFunction::makeFallthrough());
+}
+
 // A Python module init so the library is also importable as `m2kernels._C`; m2kernels/_ext.py
 // loads it with torch.ops.load_library after checking the build marker above.
 static struct PyModuleDef m2kernels_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
