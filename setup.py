@@ -14,11 +14,10 @@ Compiled extensions (optional; see docs/extensions.md):
 with ``pip install --no-build-isolation -e .``.
 """
 
-import glob
+import importlib.util
 import os
 import shutil
 import sys
-import sysconfig
 import warnings
 
 from setuptools import find_packages, setup
@@ -45,53 +44,12 @@ def _skip(mode: str, name: str, reason: str) -> None:
     print("WARNING: " + msg, file=sys.stderr)
 
 
-def _site_dirs() -> list[str]:
-    dirs = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    dirs += [p for p in sys.path if p.endswith("site-packages")]
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen and os.path.isdir(d):
-            seen.add(d)
-            out.append(d)
-    return out
-
-
-def find_nccl() -> tuple[str, str, str] | None:
-    """(include dir, lib dir, library file name) of NCCL, or None."""
-    candidates = []
-    if os.environ.get("NCCL_HOME"):
-        home = os.environ["NCCL_HOME"]
-        candidates.append((os.path.join(home, "include"), os.path.join(home, "lib")))
-    for site in _site_dirs():
-        candidates.append((os.path.join(site, "nvidia", "nccl", "include"),
-                           os.path.join(site, "nvidia", "nccl", "lib")))
-    candidates.append(("/usr/include", "/usr/lib/x86_64-linux-gnu"))
-    for inc, lib in candidates:
-        if not os.path.isfile(os.path.join(inc, "nccl.h")):
-            continue
-        for name in ("libnccl.so.2", "libnccl.so"):
-            if os.path.isfile(os.path.join(lib, name)):
-                return inc, lib, name
-    return None
-
-
-def find_cuda() -> tuple[str, str | None, str | None] | None:
-    """(include dir, cudart lib dir or None, cudart file name or None), or None without headers."""
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates = [(os.path.join(h, "include"), os.path.join(h, "lib64")) for h in homes if h]
-    for site in _site_dirs():
-        for sub in sorted(glob.glob(os.path.join(site, "nvidia", "cu*"))) + [
-            os.path.join(site, "nvidia", "cuda_runtime")
-        ]:
-            candidates.append((os.path.join(sub, "include"), os.path.join(sub, "lib")))
-    for inc, lib in candidates:
-        if not os.path.isfile(os.path.join(inc, "cuda_runtime_api.h")):
-            continue
-        libs = sorted(glob.glob(os.path.join(lib, "libcudart.so*")))
-        if libs:
-            return inc, lib, os.path.basename(libs[0])
-        return inc, None, None
-    return None
+def _toolchain():
+    """csrc/toolchain.py, loaded by path (the package itself is not importable while building)."""
+    spec = importlib.util.spec_from_file_location("m2_toolchain", os.path.join(ROOT, "csrc", "toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _write_build_info(torch_version: str) -> str:
@@ -140,7 +98,8 @@ def extensions():
         )
     ]
     if build_nccl_mode != "0":
-        nccl, cuda = find_nccl(), find_cuda()
+        tc = _toolchain()
+        nccl, cuda = tc.find_nccl(), tc.find_cuda()
         if nccl is None:
             _skip(build_nccl_mode, "_C_nccl", "NCCL not found (set NCCL_HOME or install nvidia-nccl-cu13)")
         elif cuda is None:
