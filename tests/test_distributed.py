@@ -222,6 +222,21 @@ def _world4(rank, world):
         assert fwd.received == pytest.approx(expect["forward"]["received"]), (mode, n)
         assert bwd.sent == pytest.approx(expect["backward"]["sent"]), (mode, n, bwd.calls)
 
+    # through m2kernels.distributed.coalesced (the default) or straight to torch.distributed: identical
+    x_all, y_all, s, offs = make_batch([6, 3, 5, 4], 8, seed=9)
+    outs = []
+    for route in (True, False):
+        with C.route_through_coalesced(route):
+            x = x_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            y = y_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            scale = s.float().requires_grad_(True)
+            loss = clip_loss(x, y, scale, mode="hierarchical", group_size=2, label_smoothing=0.1,
+                             backend="torch")
+            (loss * (rank + 1)).backward()
+            outs.append((loss.detach(), x.grad, y.grad, scale.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
     # differentiable collectives: backward runs the other way
     x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
     sizes = [2, 1, 0, 2]
