@@ -69,6 +69,8 @@ def _run_case(rank, world, mode, sizes, *, n=None, dim=16, backend="torch", dtyp
         a, b = offs[k0], offs[k0 + len(members)]
         expect += clip_loss_ref(x_all[a:b], y_all[a:b], s, label_smoothing=eps)
     _close(mean / world, expect / (world // len(members)), dtype, what + " mean loss")
+    if mode == "grouped" and n < world and eps == 0:  # fewer candidates: never above the global loss
+        assert float(mean / world) <= float(clip_loss_ref(x_all, y_all, s)) + 1e-6, what
     total_ds = scale.grad.double().reshape(1).clone()
     dist.all_reduce(total_ds)
     if mode == "grouped" and n < world:
