@@ -174,6 +174,17 @@ def _world2(rank, world):
         clip_loss(x, x, 10.0, mode="nope")
     with pytest.raises(ValueError, match="does not match the process group"):
         ClipLoss(rank=rank, world_size=3)(x, x, 10.0)
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 if rank == 0 else 3),
+                             ValueError, "bad ranks: \\[1\\]")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 + rank), ValueError,
+                             "disagree on \\(mode, group_size\\)")
+    # no-grad calls give the same share
+    x_all, y_all, s, offs = make_batch([5, 6], 8, seed=4)
+    xs, ys = x_all[offs[rank]:offs[rank + 1]], y_all[offs[rank]:offs[rank + 1]]
+    with torch.no_grad():
+        share = clip_loss(xs, ys, s, mode="ring", backend="torch")
+    assert not share.requires_grad
+    torch.testing.assert_close(share, shares_ref(x_all, y_all, s, offs, [1.0, 1.0])[0][rank])
     # the group is still usable after the errors
     _run_case(rank, world, "global", [3, 3])
 

@@ -365,9 +365,12 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = resolve_group(group)
     world = dist.get_world_size(group)
-    n = _resolve_group_size(mode, group_size, world)
     err, prepared = _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing,
                                  backend, chunk_size, check_finite)
+    try:  # e.g. LOCAL_WORLD_SIZE unset or not dividing the group on this rank only: all ranks raise
+        n = _resolve_group_size(mode, group_size, world)
+    except ValueError as e:
+        n, err, prepared = 0, err or f"ValueError: {e}", None
     sizes = _exchange_meta(group, err, prepared, mode, n)
     x, y, scale, bias, eps, backend = prepared
 
