@@ -244,10 +244,13 @@ class _ExactLoss(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing, backend,
+def _check_local(group, image_features, text_features, logit_scale, logit_bias, label_smoothing, backend,
                  chunk_size, check_finite):
     """Local checks; returns (error message or None, prepared tuple or None)."""
     try:
+        if (dist.get_backend(group) == "nccl" and torch.is_tensor(image_features)
+                and image_features.device.type != "cuda"):
+            raise ValueError(f"the process group uses NCCL but the features are on {image_features.device}")
         for name, t in (("image_features", image_features), ("text_features", text_features)):
             if not torch.is_tensor(t):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -371,8 +374,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = resolve_group(group)
     world = dist.get_world_size(group)
-    err, prepared = _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing,
-                                 backend, chunk_size, check_finite)
+    err, prepared = _check_local(group, image_features, text_features, logit_scale, logit_bias,
+                                 label_smoothing, backend, chunk_size, check_finite)
     try:  # e.g. LOCAL_WORLD_SIZE unset or not dividing the group on this rank only: all ranks raise
         n = _resolve_group_size(mode, group_size, world)
     except ValueError as e:
