@@ -14,9 +14,18 @@ import sysconfig
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from m2kernels import ClipLoss, clip_loss, clip_loss_ref
-from m2kernels.distributed import CommCounter, comm_bytes, distributed_clip_loss
+from m2kernels.distributed import (
+    CommCounter,
+    comm_bytes,
+    consecutive_subgroups,
+    distributed_clip_loss,
+    mesh_dim_group,
+    node_subgroups,
+    subgroups_from_rank_lists,
+)
 from m2kernels.distributed import collectives as C
 from tests.dist_utils import make_batch, shares_ref, spawn
 
@@ -218,6 +227,40 @@ def _world4(rank, world):
     x = torch.randn(0 if rank < 2 else 4, 8, dtype=torch.float64)
     _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=2), ValueError,
                              "sub-group\\(s\\) \\[0\\]")
+
+    # topology helpers
+    sub = consecutive_subgroups(2)
+    assert (sub.size, sub.num_groups, sub.index, sub.local_rank) == (2, 2, rank // 2, rank % 2)
+    assert list(dist.get_process_group_ranks(sub.inner)) == [rank // 2 * 2, rank // 2 * 2 + 1]
+    assert list(dist.get_process_group_ranks(sub.cross)) == [rank % 2, rank % 2 + 2]
+    assert consecutive_subgroups(2).inner is sub.inner          # cached, not re-created
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    assert node_subgroups().inner_ranks == sub.inner_ranks
+    del os.environ["LOCAL_WORLD_SIZE"]
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE is not set"):
+        node_subgroups()
+    with pytest.raises(ValueError, match="does not divide"):
+        consecutive_subgroups(3)
+    pairs = subgroups_from_rank_lists([[0, 2], [1, 3]])
+    assert list(dist.get_process_group_ranks(pairs)) == [rank % 2, rank % 2 + 2]
+    with pytest.raises(ValueError, match="overlap"):
+        subgroups_from_rank_lists([[0, 1], [1, 2, 3]])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("node", "local"))
+    assert list(dist.get_process_group_ranks(mesh_dim_group(mesh, "local"))) == list(sub.inner_ranks)
+    # a loss over an explicit group (the mesh's "node" dimension: ranks {l, l + 2})
+    x_all, y_all, s, offs = make_batch([3, 4, 5, 6], 8, seed=11)
+    pg = mesh_dim_group(mesh, "node")
+    members = [rank % 2, rank % 2 + 2]
+    xs = torch.cat([x_all[offs[q]:offs[q + 1]] for q in members])
+    ys = torch.cat([y_all[offs[q]:offs[q + 1]] for q in members])
+    x = x_all[offs[rank]:offs[rank + 1]].clone().requires_grad_(True)
+    loss = clip_loss(x, y_all[offs[rank]:offs[rank + 1]], s, mode="ring", group=pg, backend="torch")
+    loss.backward()
+    sub_offs = [0, offs[members[0] + 1] - offs[members[0]], xs.shape[0]]
+    shares, dx, _, _ = shares_ref(xs, ys, s, sub_offs, [1.0, 1.0])
+    me = members.index(rank)
+    torch.testing.assert_close(loss, shares[me])
+    torch.testing.assert_close(x.grad, dx[sub_offs[me]:sub_offs[me + 1]])
 
     # counted bytes of the collectives == comm_bytes formulas (equal shards)
     b, d = 4, 8
