@@ -31,7 +31,8 @@ from tests.dist_utils import make_batch, shares_ref, spawn
 
 pytestmark = pytest.mark.distributed
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}  # bf16: fp32 accumulation, results rounded to bf16
 
 
 def _close(actual, expected, dtype, what):
@@ -128,6 +129,7 @@ def _world2(rank, world):
     _convention_check(rank, world, "global")
     # float32 features: fp32 accumulation, checked against the float64 reference
     _run_case(rank, world, "ring", [9, 8], dtype=torch.float32, eps=0.1)
+    _run_case(rank, world, "global", [6, 5], dtype=torch.bfloat16, eps=0.1, grads=[1.0, 0.5])
 
     # open_clip's ClipLoss(local_loss=True, gather_with_grad=True): same loss and gradients
     spec = importlib.util.spec_from_file_location(
