@@ -20,10 +20,21 @@ class ClipLoss(nn.Module):
     ``logit_scale`` is already exponentiated. ``cache_labels`` is accepted and has nothing to cache.
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: str = "auto",
-                 label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-                 deterministic: bool = False, check_finite: bool = False):
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        backend: str = "auto",
+        label_smoothing: float = 0.0,
+        chunk_size: Optional[int] = None,
+        deterministic: bool = False,
+        check_finite: bool = False,
+    ):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported; use torch.distributed process groups")
@@ -40,10 +51,23 @@ class ClipLoss(nn.Module):
         self.deterministic = deterministic
         self.check_finite = check_finite
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
-        loss = clip_loss(image_features, text_features, logit_scale, logit_bias,
-                         label_smoothing=self.label_smoothing, backend=self.backend,
-                         chunk_size=self.chunk_size, deterministic=self.deterministic,
-                         check_finite=self.check_finite)
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias: Optional[torch.Tensor] = None,
+        output_dict: bool = False,
+    ):
+        loss = clip_loss(
+            image_features,
+            text_features,
+            logit_scale,
+            logit_bias,
+            label_smoothing=self.label_smoothing,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            deterministic=self.deterministic,
+            check_finite=self.check_finite,
+        )
         return {"contrastive_loss": loss} if output_dict else loss

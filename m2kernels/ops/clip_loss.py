@@ -180,7 +180,7 @@ def _triton_configs(element_size: int = 2) -> list[dict]:
 _INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=128)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _autotuned(kernel_name: str, element_size: int):
     kernel = {"lse": _lse_kernel, "grad": _softmax_grad_kernel}[kernel_name]
     configs = [
