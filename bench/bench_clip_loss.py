@@ -424,6 +424,8 @@ def main(argv=None) -> int:
     rows = []
     for dtype in dtypes:
         base_rate = matmul_tflops(device, DTYPES[dtype]) if cuda else float("nan")
+        elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
         for dim in args.dim:
             for mode in args.mode:
                 for b in batches:
@@ -438,7 +440,12 @@ def main(argv=None) -> int:
                             reps=reps,
                             warmup=warmup,
                         )
-                        r = run_child(cfg, args.timeout)
+                        need = memory_model(prov, b, dim, elem) + 2 * b * dim * elem
+                        if cuda and need > 0.95 * total_mem:
+                            r = dict(cfg, error=f"skipped: the memory model predicts {fmt_bytes(need)} "
+                                     f"> {fmt_bytes(total_mem)} of GPU memory")
+                        else:
+                            r = run_child(cfg, args.timeout)
                         r.update(
                             env_device=env["device"],
                             env_torch=env["torch"],
