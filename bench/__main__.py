@@ -32,7 +32,8 @@ def main() -> int:
     if QUICK:
         rc |= run("bench.bench_clip_loss", "--batch", "1024", "2048", "--reps", "1")
     else:
-        rc |= run("bench.bench_clip_loss", "--batch", "4096", "8192", "16384", "--reps", "3")
+        rc |= run("bench.bench_clip_loss", "--batch", "4096", "8192", "16384", "--reps", "3",
+                  "--providers", "m2-torch", "open_clip")
         rc |= run("bench.bench_clip_loss", "--providers", "m2-torch", "open_clip", "--fit-budget", "8",
                   "--fit-start", "16384", "--fit-time-cap", "40")
     rc |= run("bench.bench_collectives", *(["--quick"] if QUICK else []))

@@ -292,9 +292,13 @@ def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, t
                 reps=1,
                 warmup=0,
             )
-            r = run_child(cfg, timeout)
-            measured.append(r)
             input_bytes = 2 * b * dim * elem
+            if memory_model(prov, b, dim, elem) + input_bytes > 1.25 * budget_bytes:
+                # Not run: far over the budget by the model (on the CPU it could exhaust the machine).
+                r = dict(cfg, error="not run: the memory model predicts more than 1.25x the budget")
+            else:
+                r = run_child(cfg, timeout)
+            measured.append(r)
             if "error" in r or r["peak_bytes"] + input_bytes > budget_bytes:
                 fails = b
             else:
@@ -413,7 +417,9 @@ def main(argv=None) -> int:
                         )
                     )
             for m in r["measurements"]:
-                if "error" not in m:
+                if "error" in m:
+                    print(f"{'':>10}   B={m['batch']:>7}: {m['error']}")
+                else:
                     print(
                         f"{'':>10}   B={m['batch']:>7}: peak {fmt_bytes(m['peak_bytes'])} "
                         f"(model {fmt_bytes(m['model_bytes'])}), {m['median_ms'] / 1e3:.1f} s"
