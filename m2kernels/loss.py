@@ -32,11 +32,24 @@ class ClipLoss(nn.Module):
       ``gather_with_grad=True``, 1 times without).
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, mode: Optional[str] = None,
-                 group=None, group_size: Optional[int] = None, backend: str = "auto",
-                 label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-                 deterministic: bool = False, check_finite: bool = False):
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        mode: Optional[str] = None,
+        group=None,
+        group_size: Optional[int] = None,
+        backend: str = "auto",
+        label_smoothing: float = 0.0,
+        chunk_size: Optional[int] = None,
+        deterministic: bool = False,
+        check_finite: bool = False,
+    ):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported; use torch.distributed process groups")
@@ -76,8 +89,14 @@ class ClipLoss(nn.Module):
                              f"process group (rank {dist.get_rank(group)} of {dist.get_world_size(group)})")
         return group
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias: Optional[torch.Tensor] = None,
+        output_dict: bool = False,
+    ):
         opts = dict(label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size,
                     deterministic=self.deterministic, check_finite=self.check_finite)
         if self.mode is not None:

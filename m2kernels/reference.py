@@ -51,3 +51,26 @@ def lse_pair_ref(x: torch.Tensor, y: torch.Tensor, logit_scale) -> tuple[torch.T
     s = logit_scale.double() if torch.is_tensor(logit_scale) else float(logit_scale)
     logits = s * (x.double() @ y.double().T)
     return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+
+
+def open_clip_loss_module():
+    """open_clip's ``loss.py`` loaded on its own (``import open_clip`` needs a working torchvision).
+
+    Returns the module (``.ClipLoss``); raises ImportError when open-clip-torch is not installed.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    name = "_open_clip_loss"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise ImportError("open-clip-torch is not installed (pip install --no-deps open-clip-torch==3.3.0)")
+    path = os.path.join(os.path.dirname(spec.origin), "loss.py")
+    loss_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loss_spec)
+    loss_spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module

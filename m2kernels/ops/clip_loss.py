@@ -157,13 +157,22 @@ if HAS_TRITON:
                     tl.atomic_add(dy_ptrs, dy, mask=mask_n[:, None] & mask_d[None, :])
 
 
-def _triton_configs() -> list[dict]:
-    """Block configurations (autotuned on CUDA; every one is compile-checked for sm_80 and sm_90)."""
+def _triton_configs(element_size: int = 2) -> list[dict]:
+    """Block configurations for 16-bit (``element_size=2``) or fp32 (4) inputs.
+
+    Autotuned on CUDA; every one is compile-checked for sm_80 and sm_90 (shared memory must fit:
+    fp32 tiles take twice the bytes, hence the narrower BLOCK_D).
+    """
+    if element_size == 2:
+        return [
+            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
+            dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2),
+        ]
     return [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=32, num_warps=8, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2),
     ]
 
 
@@ -171,13 +180,13 @@ def _triton_configs() -> list[dict]:
 _INTERPRETER_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=128)
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuned(kernel_name: str):
+@functools.cache
+def _autotuned(kernel_name: str, element_size: int):
     kernel = {"lse": _lse_kernel, "grad": _softmax_grad_kernel}[kernel_name]
     configs = [
         triton.Config({k: v for k, v in c.items() if k.startswith("BLOCK")}, num_warps=c["num_warps"],
                       num_stages=c["num_stages"])
-        for c in _triton_configs()
+        for c in _triton_configs(element_size)
     ]
     extra = {"reset_to_zero": ["DX", "DY"]} if kernel_name == "grad" else {}
     return triton.autotune(configs, key=["D", "UPCAST", "PRECISION", *(["HAS_DY"] if extra else [])],
@@ -198,7 +207,7 @@ def _launch(kernel_name: str, grid_rows: int, *args, upcast: bool, precision: st
         kernel[(triton.cdiv(grid_rows, cfg["BLOCK_M"]),)](
             *args, **cfg, UPCAST=upcast, PRECISION=precision, **flags)
     else:
-        kernel = _autotuned(kernel_name)
+        kernel = _autotuned(kernel_name, args[0].element_size())
         grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M"]),)
         kernel[grid](*args, UPCAST=upcast, PRECISION=precision, **flags)
 
