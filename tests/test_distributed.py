@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sysconfig
+import warnings
 
 import pytest
 import torch
@@ -150,6 +151,21 @@ def _world2(rank, world):
         ds = scale.grad.reshape(1).clone()
         dist.all_reduce(ds)
         results.append((loss.detach(), x.grad, y.grad, ds))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+    # open_clip's local_loss=True, gather_with_grad=False: its truncated gradient, per-rank ds included
+    results = []
+    for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world),
+                 ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world)):
+        x = x_all[lo:hi].clone().requires_grad_(True)
+        y = y_all[lo:hi].clone().requires_grad_(True)
+        scale = s.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = impl(x, y, scale)
+        (loss * (1.0 + rank)).backward()
+        results.append((loss.detach(), x.grad, y.grad, scale.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
