@@ -69,6 +69,8 @@ def _run_case(rank, world, mode, sizes, *, n=None, dim=16, backend="torch", dtyp
         a, b = offs[k0], offs[k0 + len(members)]
         expect += clip_loss_ref(x_all[a:b], y_all[a:b], s, label_smoothing=eps)
     _close(mean / world, expect / (world // len(members)), dtype, what + " mean loss")
+    if mode == "grouped" and n < world and eps == 0:  # fewer candidates: never above the global loss
+        assert float(mean / world) <= float(clip_loss_ref(x_all, y_all, s)) + 1e-6, what
     total_ds = scale.grad.double().reshape(1).clone()
     dist.all_reduce(total_ds)
     if mode == "grouped" and n < world:
@@ -127,7 +129,8 @@ def _world2(rank, world):
     lo, hi = offs[rank], offs[rank + 1]
     results = []
     for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
-                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")):
+                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                          backend="torch")):
         x = x_all[lo:hi].clone().requires_grad_(True)
         y = y_all[lo:hi].clone().requires_grad_(True)
         scale = s.clone().requires_grad_(True)
@@ -171,6 +174,17 @@ def _world2(rank, world):
         clip_loss(x, x, 10.0, mode="nope")
     with pytest.raises(ValueError, match="does not match the process group"):
         ClipLoss(rank=rank, world_size=3)(x, x, 10.0)
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 if rank == 0 else 3),
+                             ValueError, "bad ranks: \\[1\\]")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 + rank), ValueError,
+                             "disagree on \\(mode, group_size\\)")
+    # no-grad calls give the same share
+    x_all, y_all, s, offs = make_batch([5, 6], 8, seed=4)
+    xs, ys = x_all[offs[rank]:offs[rank + 1]], y_all[offs[rank]:offs[rank + 1]]
+    with torch.no_grad():
+        share = clip_loss(xs, ys, s, mode="ring", backend="torch")
+    assert not share.requires_grad
+    torch.testing.assert_close(share, shares_ref(x_all, y_all, s, offs, [1.0, 1.0])[0][rank])
     # the group is still usable after the errors
     _run_case(rank, world, "global", [3, 3])
 
@@ -221,6 +235,21 @@ def _world4(rank, world):
         assert fwd.received == pytest.approx(expect["forward"]["received"]), (mode, n)
         assert bwd.sent == pytest.approx(expect["backward"]["sent"]), (mode, n, bwd.calls)
 
+    # through m2kernels.distributed.coalesced (the default) or straight to torch.distributed: identical
+    x_all, y_all, s, offs = make_batch([6, 3, 5, 4], 8, seed=9)
+    outs = []
+    for route in (True, False):
+        with C.route_through_coalesced(route):
+            x = x_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            y = y_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            scale = s.float().requires_grad_(True)
+            loss = clip_loss(x, y, scale, mode="hierarchical", group_size=2, label_smoothing=0.1,
+                             backend="torch")
+            (loss * (rank + 1)).backward()
+            outs.append((loss.detach(), x.grad, y.grad, scale.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
     # differentiable collectives: backward runs the other way
     x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
     sizes = [2, 1, 0, 2]
@@ -230,7 +259,8 @@ def _world4(rank, world):
     (full * torch.arange(1, 6, dtype=torch.float64)[:, None]).sum().backward()
     offs = [0, 2, 3, 3, 5]
     expect = torch.zeros(2, 3, dtype=torch.float64)
-    expect[:sizes[rank]] = world * torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)[:, None]
+    mine = torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)
+    expect[:sizes[rank]] = world * mine[:, None]
     torch.testing.assert_close(x.grad, expect)
     x = torch.full((3,), float(rank), dtype=torch.float64, requires_grad=True)
     got = C.ring_shift(x)

@@ -194,7 +194,7 @@ class _ExactLoss(torch.autograd.Function):
 
         dx_acc = torch.zeros(b, D, dtype=acc, device=x.device)
         held, held_c = _pad(y, bmax), _pad(c, bmax, float("-inf"))
-        carried = torch.zeros(bmax, D, dtype=acc, device=x.device)
+        carried = pending = None
         for t in range(plan.num):
             kt = (plan.node - t) % plan.num
             bsizes = plan.node_sizes(kt)
@@ -216,11 +216,17 @@ class _ExactLoss(torch.autograd.Function):
                 ptx = torch.zeros(block.shape[0], D, dtype=acc, device=x.device)
             ptx_p = _unvalid(ptx, bsizes, bmax)
             mine = C.reduce_scatter([ptx_p], plan.inner)[0] if n > 1 else ptx_p
-            carried = carried + mine
+            if plan.num == 1:
+                carried = mine
+                continue
+            # The dY accumulator travels with its shard and arrives home after G hops; each hop runs
+            # while the next step's tiles are computed.
+            carried = mine if pending is None else mine + pending.wait()[0]
             if handle is not None:
                 held, held_c = handle.wait()
-            if plan.num > 1:  # the dY accumulator travels with its shard and arrives home last
-                carried = C.ring_exchange([carried], plan.cross)[0]
+            pending = C.ring_exchange_async([carried], plan.cross)
+        if pending is not None:
+            carried = pending.wait()[0]
 
         x32, y32 = x.to(acc), y.to(acc)
         bx = dx_acc - 2.0 * (1.0 - eps) * wp * y32
@@ -365,9 +371,12 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = resolve_group(group)
     world = dist.get_world_size(group)
-    n = _resolve_group_size(mode, group_size, world)
     err, prepared = _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing,
                                  backend, chunk_size, check_finite)
+    try:  # e.g. LOCAL_WORLD_SIZE unset or not dividing the group on this rank only: all ranks raise
+        n = _resolve_group_size(mode, group_size, world)
+    except ValueError as e:
+        n, err, prepared = 0, err or f"ValueError: {e}", None
     sizes = _exchange_meta(group, err, prepared, mode, n)
     x, y, scale, bias, eps, backend = prepared
 
