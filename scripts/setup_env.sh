@@ -11,7 +11,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 # The stamp covers the C++ sources too, so an edit of csrc/ rebuilds the extensions.
-stamp=.venv/.m2-setup-$(cat setup.py constraints.txt scripts/setup_env.sh csrc/* | sha1sum | cut -c1-12)
+stamp=.venv/.m2-setup-$(cat setup.py constraints.txt scripts/setup_env.sh csrc/*.cpp csrc/*.h csrc/*.py | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-2}"
   pip install -q -c constraints.txt torch==2.13.0 triton==3.7.1
