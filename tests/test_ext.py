@@ -144,6 +144,19 @@ def test_torch_compile_fullgraph(world1):
     torch.testing.assert_close(x.grad, torch.ones_like(x))
     torch.testing.assert_close(y.grad, 0.5 * y.detach())
 
+    # The public functions trace too (with check=False: the rank-agreement check is eager-only).
+    def g(x, y):
+        a, b = co.all_gather_coalesced([x, y], world1, check=False)
+        (r,) = co.reduce_scatter_coalesced([a * 3.0], world1, check=False)
+        return r.sum() + b.sum()
+
+    x.grad = y.grad = None
+    out = torch.compile(g, fullgraph=True, backend="aot_eager")(x, y)
+    out.backward()
+    torch.testing.assert_close(out, 3.0 * x.detach().sum() + y.detach().sum())
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+    torch.testing.assert_close(y.grad, torch.ones_like(y))
+
 
 # ------------------------------------------------------------------------------------------------
 # multi-process gloo checks
