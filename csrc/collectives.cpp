@@ -92,7 +92,7 @@ std::vector<at::Tensor> reduce_scatter_coalesced(at::TensorList tensor_list, std
   std::vector<std::vector<int64_t>> shapes;
   for (size_t i = 0; i < tensors.size(); ++i) {
     shapes.push_back(scattered_shape(tensors[i], world, "reduce_scatter_coalesced", i));
-    cols.push_back(tensors[i].contiguous().view({world, -1}));
+    cols.push_back(tensors[i].contiguous().view({world, tensors[i].numel() / world}));
   }
   at::Tensor flat = at::cat(cols, 1).contiguous().view({-1});
   const int64_t chunk = flat.numel() / world;

@@ -198,15 +198,20 @@ def _check_paths(group, members: list[int], use_ext: bool) -> None:
 
     # reduce-scatter (sum) == dist.reduce_scatter of the same chunks.
     fl = [torch.randn(2 * world, 3, generator=torch.Generator().manual_seed(rank)),
-          torch.randn(world, generator=torch.Generator().manual_seed(50 + rank))]
+          torch.randn(world, generator=torch.Generator().manual_seed(50 + rank)),
+          torch.zeros(0, 3)]
     got = co.reduce_scatter_coalesced(fl, group, use_extension=use_ext)
     for i, t in enumerate(fl):
+        if t.numel() == 0:
+            assert got[i].shape == (0, 3) and got[i].dtype == t.dtype
+            continue
         ref = torch.empty_like(t.chunk(world)[0])
         dist.reduce_scatter(ref, list(t.chunk(world)), op=dist.ReduceOp.SUM, group=group)
         torch.testing.assert_close(got[i], ref, rtol=1e-6, atol=1e-6)
         expected = sum(
             [torch.randn(2 * world, 3, generator=torch.Generator().manual_seed(r)),
-             torch.randn(world, generator=torch.Generator().manual_seed(50 + r))][i] for r in members
+             torch.randn(world, generator=torch.Generator().manual_seed(50 + r)),
+             torch.zeros(0, 3)][i] for r in members
         ).chunk(world)[me]
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)
 

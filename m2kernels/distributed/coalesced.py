@@ -88,11 +88,13 @@ def _check_default(check: bool | None) -> bool:
 def _check_ranks_agree(tensors: list[torch.Tensor], group, op: str) -> None:
     """One small all-gather of (count, numel total, hash of shapes+dtypes); ValueError on mismatch."""
     desc = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
-    sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors), zlib.crc32(desc.encode())],
-                       dtype=torch.int64, device=tensors[0].device)
     world = dist.get_world_size(group)
     if world == 1:
         return
+    # The signature travels on the tensors' device, except over gloo (CPU collectives).
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else tensors[0].device
+    sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors), zlib.crc32(desc.encode())],
+                       dtype=torch.int64, device=device)
     everyone = torch.empty(world * 3, dtype=torch.int64, device=sig.device)
     dist.all_gather_single(everyone, sig, group=group)
     everyone = everyone.view(world, 3).cpu()
@@ -154,7 +156,8 @@ def _py_reduce_scatter(tensors: list[torch.Tensor], group, op: str) -> list[torc
         if t.shape[0] % world:
             raise ValueError(f"{op}: tensor {i} has {t.shape[0]} rows, which is not divisible by the "
                              f"group size {world}")
-    flat = torch.cat([t.detach().contiguous().view(world, -1) for t in tensors], dim=1).reshape(-1)
+    flat = torch.cat([t.detach().contiguous().view(world, t.numel() // world) for t in tensors], dim=1)
+    flat = flat.reshape(-1)
     chunk = flat.numel() // world
     reduced = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
     if world == 1:
