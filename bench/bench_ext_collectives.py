@@ -80,23 +80,27 @@ def _worker(rank, world, backend, init_file, iters, warmup, queue):
         for op in OPS:
             n = b * world if op == "reduce_scatter" else b
             tensors = [torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)]
+            calls = {}
             for prov in providers:
                 if prov == "separate":
-                    call = functools.partial(_separate, op, tensors, None)
+                    calls[prov] = functools.partial(_separate, op, tensors, None)
                 else:
-                    call = functools.partial(_coalesced, op, tensors, None, prov == "coalesced-ext")
-                times = []
-                for i in range(warmup + iters):
+                    calls[prov] = functools.partial(_coalesced, op, tensors, None, prov == "coalesced-ext")
+            # Providers interleaved call by call, so drifting machine load hits all of them alike.
+            times = {prov: [] for prov in providers}
+            for i in range(warmup + iters):
+                for prov in providers:
                     dist.barrier()
                     t0 = time.perf_counter()
-                    call()
+                    calls[prov]()
                     dt = time.perf_counter() - t0
                     if i >= warmup:
-                        times.append(dt * 1e6)
-                if rank == 0:
-                    q = statistics.quantiles(times, n=10)
+                        times[prov].append(dt * 1e6)
+            if rank == 0:
+                for prov in providers:
+                    q = statistics.quantiles(times[prov], n=10)
                     rows.append({"op": op, "rows_per_rank": b, "dim": d, "provider": prov,
-                                 "median_us": statistics.median(times), "p20_us": q[1], "p80_us": q[7]})
+                                 "median_us": statistics.median(times[prov]), "p20_us": q[1], "p80_us": q[7]})
     dist.destroy_process_group()
     if rank == 0:
         queue.put(rows)
@@ -106,7 +110,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--backend", default="gloo")
-    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--csv", default=os.path.join("bench", "results", "ext_collectives.csv"))
     args = parser.parse_args(argv)
