@@ -67,27 +67,38 @@ ncclDataType_t nccl_dtype(at::ScalarType t, const char* op) {
 
 struct Comm {
   ncclComm_t comm = nullptr;
+  const c10d::ProcessGroup* pg = nullptr;  // the group it was made for (names are reused after re-init)
   int rank = 0;
   int size = 1;
 };
 
 std::mutex g_mutex;
 std::map<std::pair<std::string, int>, Comm> g_comms;
+std::map<std::pair<std::string, int>, int> g_generation;
 
 // One communicator per (group name, device): rank 0 creates the unique id and publishes it in the
-// group's store; every rank initialises its communicator from it.
+// group's store; every rank initialises its communicator from it. A group destroyed and re-created
+// under the same name gets a new communicator, under a new store key (every rank counts the
+// communicators it made for a name in the same order, so the keys agree). Communicators live until
+// the process exits (destroying one is a synchronising call that must not run at exit).
 Comm& comm_for(const std::string& group_name, const at::Device& device) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto key = std::make_pair(group_name, static_cast<int>(device.index()));
-  auto it = g_comms.find(key);
-  if (it != g_comms.end()) return it->second;
   auto pg = c10d::resolve_process_group(group_name);
+  auto it = g_comms.find(key);
+  if (it != g_comms.end() && it->second.pg == pg.get() && it->second.size == pg->getSize() &&
+      it->second.rank == pg->getRank()) {
+    return it->second;
+  }
   auto store = pg->getStore();
   TORCH_CHECK(store, "m2kernels NCCL: process group '", group_name, "' has no store to share the NCCL id");
   Comm c;
+  c.pg = pg.get();
   c.rank = pg->getRank();
   c.size = pg->getSize();
-  const std::string store_key = "m2kernels/nccl_uid/" + group_name + "/" + std::to_string(device.index());
+  const int generation = g_generation[key]++;
+  const std::string store_key = "m2kernels/nccl_uid/" + group_name + "/" + std::to_string(device.index()) +
+                                "/" + std::to_string(generation);
   ncclUniqueId uid;
   if (c.rank == 0) {
     M2_NCCL_CHECK(ncclGetUniqueId(&uid));
@@ -101,7 +112,8 @@ Comm& comm_for(const std::string& group_name, const at::Device& device) {
   }
   c10::DeviceGuard guard(device);
   M2_NCCL_CHECK(ncclCommInitRank(&c.comm, c.size, uid, c.rank));
-  return g_comms.emplace(key, c).first->second;
+  g_comms[key] = c;
+  return g_comms[key];
 }
 
 cudaStream_t current_stream(const at::Device& device) {
