@@ -45,9 +45,18 @@ def test_extension_is_built_and_matches_torch():
     assert co.using_extension()
 
 
-def test_library_built_for_other_torch_is_refused(monkeypatch):
-    if _ext.find_library("_C") is None:
+def test_library_built_for_other_torch_is_refused(monkeypatch, tmp_path):
+    path = _ext.find_library("_C")
+    if path is None:
         pytest.skip("no library to refuse")
+    # The marker is read from the file itself: a copy with another version string reads back as such.
+    data = open(path, "rb").read()
+    marker = f"M2KERNELS_BUILD_TORCH_VERSION={torch.__version__};".encode()
+    assert data.count(marker) == 1
+    other = "9" * len(torch.__version__)
+    (tmp_path / "copy.so").write_bytes(data.replace(marker, marker.replace(torch.__version__.encode(),
+                                                                           other.encode())))
+    assert _ext.library_torch_version(str(tmp_path / "copy.so")) == other
     monkeypatch.setattr(_ext, "_status", {})
     monkeypatch.setattr(_ext, "_warned", False)
     monkeypatch.setattr(_ext, "library_torch_version", lambda path: "1.0.0")
