@@ -1,1 +1,37 @@
-"""Distributed contrastive loss over torch.distributed process groups."""
+"""Distributed contrastive loss over torch.distributed process groups.
+
+Modes (``distributed_clip_loss(..., mode=)``, also ``m2kernels.clip_loss(..., mode=)`` and
+``ClipLoss(mode=)``): ``global``, ``ring``, ``hierarchical`` (the exact global-batch loss) and
+``grouped`` (the loss of each sub-group of consecutive ranks). See docs/distributed.md.
+"""
+
+from m2kernels.distributed.collectives import (
+    CommCounter,
+    all_gather,
+    all_gather_with_grad,
+    all_reduce,
+    all_reduce_with_grad,
+    reduce_scatter,
+    reduce_scatter_with_grad,
+    ring_exchange,
+    ring_exchange_async,
+    ring_shift,
+)
+from m2kernels.distributed.loss import MODES, comm_bytes, distributed_clip_loss, open_clip_loss
+from m2kernels.distributed.topology import (
+    SubGroups,
+    consecutive_subgroups,
+    group_from_ranks,
+    mesh_dim_group,
+    node_local_size,
+    node_subgroups,
+    subgroups_from_rank_lists,
+)
+
+__all__ = [
+    "MODES", "CommCounter", "SubGroups", "all_gather", "all_gather_with_grad", "all_reduce",
+    "all_reduce_with_grad", "comm_bytes", "consecutive_subgroups", "distributed_clip_loss",
+    "group_from_ranks", "mesh_dim_group", "node_local_size", "node_subgroups", "open_clip_loss",
+    "reduce_scatter", "reduce_scatter_with_grad", "ring_exchange", "ring_exchange_async", "ring_shift",
+    "subgroups_from_rank_lists",
+]

@@ -1,0 +1,298 @@
+"""Bilingual tokenizers with one interface: ``tokenizer(texts) -> (input_ids, attention_mask)``.
+
+Both return LongTensors of shape [N, context_length]: ``[CLS] tokens... [END]`` then padding on the right;
+the mask is 1 on tokens (including [CLS] and [END]) and 0 on padding.
+
+* :class:`GLMTokenizer` reads the official GLM SentencePiece model (``sp.model``, 115,244 entries, shipped
+  with the released M2-Encoder code; supply the file yourself). Conventions of the official
+  ``GLMChineseTokenizer``: runs of 2-10 spaces become ``<|blank_n|>`` pieces, the sequence is
+  ``[CLS] ... <|endoftext|>``, padding uses ``<|endoftext|>``, 52 positions, and over-long texts are
+  truncated on the LEFT (the start of the text is dropped, the end kept).
+* :class:`BertTokenizer` (the default, ``"bert-base-chinese"``) is a WordPiece tokenizer over the
+  bert-base-chinese vocabulary (21,128 entries) that ships inside the ``cn-clip`` wheel, as used by
+  Chinese-CLIP for Chinese and English alike: lower-casing, accent stripping, one token per CJK character,
+  punctuation split, greedy longest-match WordPiece. Sequence ``[CLS] ... [SEP]``, pad id 0, truncation on
+  the RIGHT (the end of the text is dropped), as in Chinese-CLIP.
+
+Empty texts are allowed: they encode to ``[CLS] [END]`` (a documented, deterministic result); an empty
+*list* of texts raises ValueError, as does anything that is not a string.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import unicodedata
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["Tokenizer", "BertTokenizer", "GLMTokenizer", "get_tokenizer", "bundled_bert_vocab_path"]
+
+
+class Tokenizer:
+    """Common interface. Subclasses implement :meth:`encode_one` (text -> ids without special tokens)."""
+
+    cls_id: int
+    end_id: int
+    pad_id: int
+    truncation_side: str  # "left" or "right"
+    vocab_size: int
+
+    def __init__(self, context_length: int):
+        if not isinstance(context_length, int) or context_length < 2:
+            raise ValueError(
+                f"context_length must be an int >= 2 (room for the two special tokens), "
+                f"got {context_length!r}"
+            )
+        self.context_length = context_length
+
+    def encode_one(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: nothing to tokenize")
+        length = self.context_length if context_length is None else context_length
+        if length < 2:
+            raise ValueError(f"context_length must be >= 2, got {length}")
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
+            body = self.encode_one(text)
+            room = length - 2
+            if len(body) > room:
+                body = body[len(body) - room :] if self.truncation_side == "left" else body[:room]
+            row = [self.cls_id, *body, self.end_id]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+
+# --------------------------------------------------------------------------- WordPiece (bert-base-chinese)
+
+
+def bundled_bert_vocab_path() -> Path:
+    """Path of the bert-base-chinese vocab.txt inside the installed cn-clip wheel (nothing is imported)."""
+    spec = importlib.util.find_spec("cn_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default tokenizer needs the bert-base-chinese vocabulary shipped in the "
+            "cn-clip wheel: `pip install --no-deps cn-clip`, or pass a vocab.txt path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "clip" / "vocab.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"cn-clip is installed but {path} is missing")
+    return path
+
+
+def _is_cjk(cp: int) -> bool:
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0x2A700 <= cp <= 0x2B73F
+        or 0x2B740 <= cp <= 0x2B81F
+        or 0x2B820 <= cp <= 0x2CEAF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+def _is_punct(ch: str) -> bool:
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+class BertTokenizer(Tokenizer):
+    """Uncased WordPiece over a BERT vocab.txt (default: bert-base-chinese from the cn-clip wheel)."""
+
+    truncation_side = "right"
+
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike | None = None,
+        context_length: int = 52,
+        max_chars_per_word: int = 100,
+    ):
+        super().__init__(context_length)
+        path = Path(vocab_file) if vocab_file is not None else bundled_bert_vocab_path()
+        with open(path, encoding="utf-8") as f:
+            tokens = [line.rstrip("\n") for line in f]
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+        self.inv_vocab = tokens
+        self.vocab_size = len(tokens)
+        for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"):
+            if t not in self.vocab:
+                raise ValueError(f"{path} is not a BERT vocabulary: {t} is missing")
+        self.cls_id, self.end_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
+        self.max_chars_per_word = max_chars_per_word
+
+    def basic_tokenize(self, text: str) -> list[str]:
+        out, word = [], []
+
+        def flush():
+            if word:
+                out.append("".join(word))
+                word.clear()
+
+        text = unicodedata.normalize("NFD", text.lower())
+        for ch in text:
+            cp = ord(ch)
+            cat = unicodedata.category(ch)
+            if cp == 0 or cp == 0xFFFD or (cat.startswith("C") and ch not in "\t\n\r"):
+                continue  # control characters
+            if cat == "Mn":
+                continue  # accents (stripped, as in uncased BERT)
+            if ch.isspace() or cat == "Zs":
+                flush()
+            elif _is_cjk(cp) or _is_punct(ch):
+                flush()
+                out.append(ch)
+            else:
+                word.append(ch)
+        flush()
+        return out
+
+    def wordpiece(self, word: str) -> list[int]:
+        if len(word) > self.max_chars_per_word:
+            return [self.unk_id]
+        ids, start = [], 0
+        while start < len(word):
+            end, cur = len(word), None
+            while start < end:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in self.vocab:
+                    cur = self.vocab[piece]
+                    break
+                end -= 1
+            if cur is None:
+                return [self.unk_id]
+            ids.append(cur)
+            start = end
+        return ids
+
+    def encode_one(self, text: str) -> list[int]:
+        return [i for w in self.basic_tokenize(text) for i in self.wordpiece(w)]
+
+    def decode(self, ids) -> str:
+        special = {self.cls_id, self.end_id, self.pad_id}
+        toks = [self.inv_vocab[int(i)] for i in ids if int(i) not in special]
+        out = ""
+        for t in toks:
+            if t.startswith("##"):
+                out += t[2:]
+            elif (
+                out
+                and (len(t) > 1 or t.isascii() and t.isalnum())
+                and (out[-1].isascii() and out[-1].isalnum())
+            ):
+                out += " " + t
+            else:
+                out += t
+        return out
+
+
+# --------------------------------------------------------------------------- GLM SentencePiece
+
+
+def _encode_whitespaces(text: str) -> str:
+    for n in range(10, 1, -1):
+        text = text.replace(" " * n, f"<|blank_{n}|>")
+    return text
+
+
+def _decode_whitespaces(text: str) -> str:
+    for n in range(10, 1, -1):
+        text = text.replace(f"<|blank_{n}|>", " " * n)
+    return text
+
+
+class GLMTokenizer(Tokenizer):
+    """The official M2-Encoder tokenizer: the GLM SentencePiece model (``sp.model``).
+
+    Special tokens ``[CLS]``, ``<|endoftext|>`` (end and pad), ``[UNK]`` are looked up as pieces of the
+    model. A special token that is not a piece gets an id after the SentencePiece vocabulary in the order
+    the official (Hugging Face) tokenizer registers added tokens: ``<|endoftext|>``, ``[UNK]``, ``[CLS]``,
+    ``[MASK]``. ``special_ids`` overrides any of them, e.g. ``{"[CLS]": 50002}``.
+    """
+
+    truncation_side = "left"
+    SPECIAL_ORDER = ("<|endoftext|>", "[UNK]", "[CLS]", "[MASK]")
+
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        context_length: int = 52,
+        special_ids: dict[str, int] | None = None,
+    ):
+        super().__init__(context_length)
+        try:
+            import sentencepiece as spm
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("GLMTokenizer needs the `sentencepiece` package") from e
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"SentencePiece model {path} does not exist")
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except Exception as e:  # sentencepiece raises OSError/RuntimeError on corrupt files
+            raise ValueError(f"{path} is not a readable SentencePiece model: {e}") from e
+        n = self.sp.get_piece_size()
+        ids, extra = {}, n
+        for tok in self.SPECIAL_ORDER:
+            pid = self.sp.piece_to_id(tok)
+            if pid != self.sp.unk_id() or self.sp.id_to_piece(pid) == tok:
+                ids[tok] = pid
+            else:
+                ids[tok] = extra
+                extra += 1
+        ids.update(special_ids or {})
+        self.special_ids = ids
+        self.cls_id, self.end_id = ids["[CLS]"], ids["<|endoftext|>"]
+        self.pad_id = self.end_id
+        self.vocab_size = max(extra, max(ids.values()) + 1)
+
+    def encode_one(self, text: str) -> list[int]:
+        return list(self.sp.encode(_encode_whitespaces(text), out_type=int))
+
+    def decode(self, ids) -> str:
+        n = self.sp.get_piece_size()
+        special = set(self.special_ids.values())
+        body = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]
+        return _decode_whitespaces(self.sp.decode(body))
+
+
+def get_tokenizer(
+    name_or_path: str | os.PathLike = "bert-base-chinese", context_length: int = 52, **kwargs
+) -> Tokenizer:
+    """``"bert-base-chinese"`` (bundled default), a ``*.model`` SentencePiece file (official GLM tokenizer),
+    a ``vocab.txt`` (WordPiece), or a directory holding ``sp.model`` or ``vocab.txt``."""
+    name = str(name_or_path)
+    if name in ("bert-base-chinese", "bert", "default"):
+        return BertTokenizer(None, context_length, **kwargs)
+    path = Path(name)
+    if path.is_dir():
+        for fname, cls in (("sp.model", GLMTokenizer), ("vocab.txt", BertTokenizer)):
+            if (path / fname).is_file():
+                return cls(path / fname, context_length, **kwargs)
+        raise FileNotFoundError(f"{path} holds neither sp.model nor vocab.txt")
+    if not path.is_file():
+        raise FileNotFoundError(f"unknown tokenizer {name!r}: not 'bert-base-chinese' and no such file")
+    if path.suffix == ".txt":
+        return BertTokenizer(path, context_length, **kwargs)
+    return GLMTokenizer(path, context_length, **kwargs)

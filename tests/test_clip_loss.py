@@ -1,0 +1,395 @@
+"""The fused contrastive loss against a float64 reference and against open_clip's ClipLoss.
+
+Tolerance rule (flash-attention's): a backend's error against the float64 reference must be at most
+twice the error of plain PyTorch computing the same loss in the same dtype, plus a small atol
+(relative to the largest reference value), per dtype below.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from m2kernels import ClipLoss, clip_loss, clip_loss_ref
+from m2kernels.ops.clip_loss import HAS_TRITON
+from m2kernels.reference import open_clip_loss_module
+
+# dtype -> (factor, atol relative to max |reference|)
+TOLERANCE = {
+    torch.float32: (2.0, 2e-6),
+    torch.float16: (2.0, 1e-3),
+    torch.bfloat16: (2.0, 8e-3),
+}
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+def make_inputs(b, d, dtype=torch.float32, seed=0, normalize=True, scale=14.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = x + 0.8 * torch.randn(b, d, generator=g, dtype=torch.float64)  # positives are correlated
+    if normalize:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    x, y = x.to(dtype), y.to(dtype)
+    s = torch.tensor(scale, dtype=torch.float32)
+    t = torch.tensor(-2.5, dtype=torch.float32)
+    return x, y, s, t
+
+
+def loss_and_grads(fn, x, y, s, t, upstream):
+    x, y, s = (v.detach().clone().requires_grad_(True) for v in (x, y, s))
+    t = None if t is None else t.detach().clone().requires_grad_(True)
+    loss = fn(x, y, s, t)
+    inputs = [x, y, s] + ([t] if t is not None else [])
+    grads = torch.autograd.grad(loss * upstream, inputs, allow_unused=True)
+    return [loss.detach()] + [
+        g.detach() if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)
+    ]
+
+
+def term_magnitudes(x, y, s, upstream):
+    """Size of the terms that add up (and may cancel) in each output: atol is relative to these."""
+    b = x.shape[0]
+    g, s = abs(float(upstream)), abs(float(s))
+    mx, my = x.double().abs().max().item(), y.double().abs().max().item()
+    nx, ny = x.double().norm(dim=1).max().item(), y.double().norm(dim=1).max().item()
+    return [s * nx * ny + 1.0, g * s * my / b, g * s * mx / b, g * nx * ny, g]
+
+
+def assert_close_rule(ours, plain, ref, dtype, what, magnitudes):
+    factor, atol = TOLERANCE[dtype]
+    names = ["loss", "d_image", "d_text", "d_scale", "d_bias"]
+    for name, o, p, r, mag in zip(names, ours, plain, ref, magnitudes):
+        r = r.double()
+        err = (o.double() - r).abs().max().item()
+        plain_err = (p.double() - r).abs().max().item()
+        bound = factor * plain_err + atol * max(r.abs().max().item(), mag)
+        assert err <= bound, (
+            f"{what}: {name} error {err:.3g} > {bound:.3g} (plain {dtype} error {plain_err:.3g})"
+        )
+
+
+def check(backend, b, d, dtype=torch.float32, chunk=None, eps=0.0, bias=True, seed=0, **kw):
+    x, y, s, t = make_inputs(b, d, dtype, seed=seed)
+    t = t if bias else None
+    upstream = torch.randn((), generator=torch.Generator().manual_seed(seed + 1)).double() + 1.5
+    ours = loss_and_grads(
+        lambda x, y, s, t: clip_loss(
+            x, y, s, t, label_smoothing=eps, backend=backend, chunk_size=chunk, **kw
+        ),
+        x,
+        y,
+        s,
+        t,
+        upstream.to(torch.float32),
+    )
+    plain = loss_and_grads(
+        lambda x, y, s, t: clip_loss_ref(x, y, s, t, label_smoothing=eps, upcast=False),
+        x,
+        y,
+        s,
+        t,
+        upstream.to(dtype),
+    )
+    ref = loss_and_grads(
+        lambda x, y, s, t: clip_loss_ref(x, y, s, t, label_smoothing=eps, upcast=True), x, y, s, t, upstream
+    )
+    assert ours[1].dtype == x.dtype and ours[1].shape == x.shape
+    assert ours[3].dtype == s.dtype
+    assert_close_rule(
+        ours,
+        plain,
+        ref,
+        dtype,
+        f"{backend} b={b} d={d} {dtype} chunk={chunk} eps={eps}",
+        term_magnitudes(x, y, s, upstream),
+    )
+    return ours, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# torch backend: the full grid of awkward shapes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 127, 300, 1000])
+@pytest.mark.parametrize("d", [1, 17, 64, 257, 512])
+def test_torch_backend_shapes(b, d):
+    chunk = max(1, b // 3 + 1)  # does not divide the batch
+    check("torch", b, d, chunk=chunk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,d", [(3, 17), (300, 64), (127, 257)])
+def test_torch_backend_half(dtype, b, d):
+    check("torch", b, d, dtype=dtype, chunk=50)
+
+
+# ---------------------------------------------------------------------------------------------
+# triton backend (interpreter on the CPU): every batch and feature size from the grid, in pairs
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("b,d", [(1, 1), (2, 17), (3, 64), (127, 257), (300, 512), (1000, 17), (129, 1)])
+def test_triton_backend_shapes(b, d):
+    check("triton", b, d)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,d", [(3, 17), (300, 64)])
+def test_triton_backend_half(dtype, b, d):
+    check("triton", b, d, dtype=dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_deterministic_flag(deterministic):
+    ours, _ = check("triton", 200, 33, deterministic=deterministic)
+    if deterministic:  # bitwise reproducible
+        again, _ = check("triton", 200, 33, deterministic=True)
+        for a, b in zip(ours, again):
+            assert torch.equal(a, b)
+
+
+@needs_triton
+def test_triton_matches_torch_backend_with_smoothing():
+    a, _ = check("triton", 257, 40, eps=0.2)
+    b, _ = check("torch", 257, 40, eps=0.2, chunk=64)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# semantics: label smoothing, logit bias, chunking, no_grad, non-contiguous, open_clip
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_label_smoothing_matches_cross_entropy(eps, backend):
+    x, y, s, _ = make_inputs(37, 23, torch.float64 if backend == "torch" else torch.float32, seed=3)
+    logits = s.double() * x.double() @ y.double().T
+    labels = torch.arange(37)
+    want = 0.5 * (
+        F.cross_entropy(logits, labels, label_smoothing=eps)
+        + F.cross_entropy(logits.T, labels, label_smoothing=eps)
+    )
+    got = clip_loss(x, y, s, label_smoothing=eps, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    check(backend, 37, 23, eps=eps)
+
+
+def test_logit_bias_gradient_is_zero_and_value_invariant():
+    x, y, s, t = make_inputs(50, 16)
+    t = t.clone().requires_grad_(True)
+    loss = clip_loss(x, y, s, t, backend="torch")
+    (dt,) = torch.autograd.grad(loss, [t])
+    assert dt.item() == 0.0
+    torch.testing.assert_close(loss, clip_loss(x, y, s, backend="torch"))
+    torch.testing.assert_close(loss.double(), clip_loss_ref(x, y, s, t), rtol=1e-6, atol=1e-6)
+
+
+def test_float64_torch_backend_is_exact():
+    x, y, s, t = make_inputs(65, 9, torch.float64)
+    s = s.double()
+    got = clip_loss(x, y, s, backend="torch", chunk_size=7)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, clip_loss_ref(x, y, s), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 99, 100, 1000])
+def test_chunk_sizes_agree(chunk):
+    x, y, s, _ = make_inputs(99, 31)
+    ref = clip_loss(x, y, s, backend="reference")
+    torch.testing.assert_close(
+        clip_loss(x, y, s, backend="torch", chunk_size=chunk), ref, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_no_grad_call(backend):
+    x, y, s, _ = make_inputs(40, 8)
+    x.requires_grad_(True)
+    with torch.no_grad():
+        loss = clip_loss(x, y, s, backend=backend)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss.double(), clip_loss_ref(x, y, s), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_non_contiguous_inputs(backend):
+    x, y, s, _ = make_inputs(60, 24)
+    xt = x.T.contiguous().T  # column-major
+    yb = torch.cat([y, y], 1)[:, ::2]  # strided last dimension
+    yb.copy_(y)
+    assert not xt.is_contiguous() and not yb.is_contiguous()
+    xs, ys = x[::2], y[::2]  # row stride 2 * d
+    for a, b in ((xt, yb), (xs, ys)):
+        a = a.detach().requires_grad_(True)
+        loss = clip_loss(a, b, s, backend=backend)
+        (grad,) = torch.autograd.grad(loss, [a])
+        a64 = a.detach().double().requires_grad_(True)
+        ref = clip_loss_ref(a64, b, s)
+        (grad_ref,) = torch.autograd.grad(ref, [a64])
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad.double(), grad_ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("b,d,eps", [(1, 8, 0.0), (3, 5, 0.0), (128, 64, 0.0), (77, 33, 0.1)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_matches_open_clip(b, d, eps, backend):
+    oc = open_clip_loss_module()
+    x, y, s, t = make_inputs(b, d, seed=5)
+    upstream = torch.tensor(0.7)
+    if eps:
+        # open_clip's ClipLoss has no label smoothing; compare to its logits with F.cross_entropy.
+        def theirs(x, y, s, t):
+            lpi, lpt = oc.ClipLoss().get_logits(x, y, s, t)
+            labels = torch.arange(b)
+            return 0.5 * (
+                F.cross_entropy(lpi, labels, label_smoothing=eps)
+                + F.cross_entropy(lpt, labels, label_smoothing=eps)
+            )
+    else:
+        theirs = lambda x, y, s, t: oc.ClipLoss()(x, y, s, t)
+    ref = loss_and_grads(theirs, x, y, s, t, upstream)
+    ours = loss_and_grads(
+        lambda x, y, s, t: ClipLoss(backend=backend, label_smoothing=eps)(x, y, s, t), x, y, s, t, upstream
+    )
+    for name, o, r in zip(["loss", "d_image", "d_text", "d_scale", "d_bias"], ours, ref):
+        torch.testing.assert_close(o, r, rtol=2e-5, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
+    out = ClipLoss(backend=backend)(x, y, s, output_dict=True)
+    assert set(out) == {"contrastive_loss"}
+    torch.testing.assert_close(
+        out["contrastive_loss"],
+        oc.ClipLoss()(x, y, s, output_dict=True)["contrastive_loss"],
+        rtol=2e-5,
+        atol=2e-6,
+    )
+
+
+def test_open_clip_constructor_arguments_accepted():
+    loss = ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
+    x, y, s, _ = make_inputs(9, 4)
+    torch.testing.assert_close(loss(x, y, s).double(), clip_loss_ref(x, y, s), rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
+    """The comparison machinery must fail on a kernel whose backward is off by a little."""
+    from m2kernels.ops import clip_loss as mod
+
+    real = mod.softmax_grad
+
+    def wrong(*args, **kwargs):
+        gy, gx = real(*args, **kwargs)
+        return gy * 1.001, gx
+
+    monkeypatch.setattr(mod, "softmax_grad", wrong)
+    with pytest.raises(AssertionError, match="d_image"):
+        check("torch", 64, 16)
+
+
+def test_torch_compile_fullgraph():
+    x, y, s, _ = make_inputs(48, 16)
+    x.requires_grad_(True)
+    fn = torch.compile(
+        lambda x, y, s: clip_loss(x, y, s, backend="torch"), fullgraph=True, backend="aot_eager"
+    )
+    loss = fn(x, y, s)
+    loss.backward()
+    x64 = x.detach().double().requires_grad_(True)
+    ref = clip_loss_ref(x64, y, s)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# non-finite inputs and bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["image", "text", "scale", "bias"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_non_finite_propagates_or_raises(where, backend):
+    x, y, s, t = make_inputs(20, 8)
+    if where == "image":
+        x[3, 2] = float("nan")
+    elif where == "text":
+        y[7, 0] = float("inf")
+    elif where == "scale":
+        s = torch.tensor(float("nan"))
+    else:
+        t = torch.tensor(float("inf"))
+    loss = clip_loss(x, y, s, t, backend=backend)
+    assert not torch.isfinite(loss), f"non-finite {where} gave a finite loss {loss}"
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        clip_loss(x, y, s, t, backend=backend, check_finite=True)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda x, y, s: (x[:, :, None], y, s), ValueError, "2-D"),
+        (lambda x, y, s: (x, y[:-1], s), ValueError, "batch sizes differ"),
+        (lambda x, y, s: (x, y[:, :-1], s), ValueError, "feature sizes differ"),
+        (lambda x, y, s: (x[:0], y[:0], s), ValueError, "empty batch"),
+        (lambda x, y, s: (x, y.double(), s), TypeError, "same dtype"),
+        (lambda x, y, s: (x.long(), y.long(), s), TypeError, "floating-point"),
+        (lambda x, y, s: (x.numpy(), y, s), TypeError, "torch.Tensor"),
+        (lambda x, y, s: (x, y, torch.ones(2)), ValueError, "scalar"),
+        (lambda x, y, s: (x, y, torch.tensor(3)), TypeError, "floating-point"),
+        (lambda x, y, s: (x, y, "3.0"), TypeError, "logit_scale"),
+        (lambda x, y, s: (x, y.to("meta"), s), ValueError, "are on"),
+    ],
+)
+def test_bad_input_errors(make, exc, match):
+    x, y, s, _ = make_inputs(6, 4)
+    a, b, c = make(x, y, s)
+    with pytest.raises(exc, match=match):
+        clip_loss(a, b, c, backend="torch")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing="x"), TypeError, "label_smoothing"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.5), ValueError, "chunk_size"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    x, y, s, _ = make_inputs(6, 4)
+    with pytest.raises(exc, match=match):
+        clip_loss(x, y, s, **kwargs)
+
+
+def test_bias_must_be_scalar():
+    x, y, s, _ = make_inputs(6, 4)
+    with pytest.raises(ValueError, match="logit_bias must be a scalar"):
+        clip_loss(x, y, s, torch.zeros(6))
+
+
+@needs_triton
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, y, s, _ = make_inputs(6, 4)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        clip_loss(x, y, s, backend="triton")
+
+
+@needs_triton
+def test_triton_rejects_float64():
+    x, y, s, _ = make_inputs(6, 4, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        clip_loss(x, y, s, backend="triton")
+
+
+def test_auto_backend_on_cpu_is_torch():
+    from m2kernels.ops.clip_loss import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"

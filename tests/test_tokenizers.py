@@ -1,0 +1,159 @@
+import importlib.util
+
+import pytest
+import torch
+
+from m2model.tokenizers import BertTokenizer, GLMTokenizer, bundled_bert_vocab_path, get_tokenizer
+
+MIXED = [
+    "一只猫坐在垫子上。A cat sits on the mat!",
+    "Café naïve résumé，你好世界 hello-world 2024年",
+    "北京的秋天 is beautiful, 尤其是香山的红叶 (red leaves).",
+    "THE QUICK brown fox 跳过了 lazy dogs",
+]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return get_tokenizer("bert-base-chinese", context_length=52)
+
+
+def test_bert_matches_chinese_clip_reference_tokenizer(bert):
+    path = bundled_bert_vocab_path().parent / "bert_tokenizer.py"
+    pytest.importorskip("six")
+    spec = importlib.util.spec_from_file_location("_cnclip_bert_tokenizer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ref = mod.FullTokenizer()
+    for text in [*MIXED, "unaffable tokenization 😀 ☃", "\tTabs\nand\r\nnewlines ", ""]:
+        assert bert.encode_one(text) == ref.convert_tokens_to_ids(ref.tokenize(text)), text
+
+
+def test_bert_layout_round_trip_and_mask(bert):
+    ids, mask = bert(MIXED)
+    assert ids.shape == mask.shape == (len(MIXED), 52) and ids.dtype == mask.dtype == torch.long
+    for i, text in enumerate(MIXED):
+        n = int(mask[i].sum())
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert ids[i, 0] == bert.cls_id and ids[i, n - 1] == bert.end_id and (ids[i, n:] == bert.pad_id).all()
+        body = ids[i, 1 : n - 1].tolist()
+        assert bert.unk_id not in body
+        decoded = bert.decode(ids[i])
+        assert bert.encode_one(decoded) == body  # decode -> encode round trip
+        # same characters as the lower-cased, accent-free input
+        import unicodedata
+
+        norm = "".join(
+            c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn"
+        )
+        assert decoded.replace(" ", "") == norm.replace(" ", "")
+
+
+def test_bert_truncation_keeps_the_start(bert):
+    text = "".join(str(i % 10) + "字" for i in range(100))  # 200 tokens
+    ids, mask = bert(text, context_length=12)
+    assert ids.shape == (1, 12) and mask.all()
+    full = bert.encode_one(text)
+    assert ids[0, 1:11].tolist() == full[:10]  # right truncation: the end of the text is dropped
+    assert ids[0, -1] == bert.end_id
+
+
+def test_empty_text_and_bad_inputs(bert):
+    ids, mask = bert(["", "a"])
+    assert ids[0, :2].tolist() == [bert.cls_id, bert.end_id] and mask[0].sum() == 2
+    with pytest.raises(ValueError, match="empty"):
+        bert([])
+    with pytest.raises(TypeError, match="not a str"):
+        bert(["ok", 3])
+    with pytest.raises(ValueError, match="context_length"):
+        BertTokenizer(context_length=1)
+    with pytest.raises(FileNotFoundError):
+        get_tokenizer("/nonexistent/tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    spm = pytest.importorskip("sentencepiece")
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    lines = MIXED * 3 + [
+        "今天天气很好，我们去公园散步。",
+        "The weather is nice today, let us walk in the park.",
+        "机器学习 machine learning 和 深度学习 deep learning",
+        "图像 image 文本 text 对齐 alignment",
+        "一张猫的照片 a photo of a cat",
+        "两只狗在草地上奔跑 two dogs running on the grass",
+    ]
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(d / "sp"),
+        vocab_size=200,
+        model_type="unigram",
+        character_coverage=1.0,
+        user_defined_symbols=["[CLS]", "<|endoftext|>", "[MASK]"] + [f"<|blank_{n}|>" for n in range(2, 11)],
+        bos_id=-1,
+        eos_id=-1,
+        unk_piece="[UNK]",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return d / "sp.model"
+
+
+def test_glm_sentencepiece_conventions(sp_model):
+    tok = get_tokenizer(sp_model, context_length=52)
+    assert isinstance(tok, GLMTokenizer) and tok.truncation_side == "left"
+    assert tok.cls_id == tok.sp.piece_to_id("[CLS]") and tok.pad_id == tok.end_id == tok.sp.piece_to_id(
+        "<|endoftext|>"
+    )
+    assert tok.vocab_size == tok.sp.get_piece_size()
+    ids, mask = tok(MIXED)
+    for i, text in enumerate(MIXED):
+        n = int(mask[i].sum())
+        assert ids[i, 0] == tok.cls_id and ids[i, n - 1] == tok.end_id and (ids[i, n:] == tok.pad_id).all()
+        assert tok.decode(ids[i]) == text  # lossless round trip (all characters are in the vocabulary)
+    # runs of spaces become <|blank_n|> pieces and come back
+    spaced = "两只  狗 and   the cat"
+    body = tok.encode_one(spaced)
+    assert tok.sp.piece_to_id("<|blank_2|>") in body and tok.sp.piece_to_id("<|blank_3|>") in body
+    assert tok.decode(body) == spaced
+
+
+def test_glm_truncates_on_the_left_and_handles_empty(sp_model):
+    tok = GLMTokenizer(sp_model, context_length=8)
+    text = " ".join(MIXED)
+    full = tok.encode_one(text)
+    assert len(full) > 6
+    ids, mask = tok(text)
+    assert mask.all() and ids[0, 1:7].tolist() == full[-6:]  # the start of the text is dropped
+    assert ids[0, 0] == tok.cls_id and ids[0, 7] == tok.end_id
+    ids, mask = tok("")
+    assert ids[0, :2].tolist() == [tok.cls_id, tok.end_id] and mask.sum() == 2
+
+
+def test_glm_special_tokens_missing_from_the_model_get_appended_ids(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(MIXED * 5), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp_path / "m"),
+        vocab_size=120,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    tok = GLMTokenizer(tmp_path / "m.model")
+    n = tok.sp.get_piece_size()
+    # no special token is a piece: ids after the vocabulary in registration order
+    assert tok.special_ids == {"<|endoftext|>": n, "[UNK]": n + 1, "[CLS]": n + 2, "[MASK]": n + 3}
+    assert tok.end_id == tok.pad_id == n and tok.cls_id == n + 2 and tok.vocab_size == n + 4
+    tok2 = GLMTokenizer(tmp_path / "m.model", special_ids={"[CLS]": 5})
+    assert tok2.cls_id == 5
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a readable SentencePiece model"):
+        GLMTokenizer(bad)
