@@ -188,7 +188,7 @@ std::vector<at::Tensor> reduce_scatter_coalesced_nccl(at::TensorList tensor_list
   return outputs;
 }
 
-std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::string group_name, int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
   check_tensor_list(tensors, "ring_exchange", false);
   check_cuda(tensors, "ring_exchange");
@@ -196,14 +196,15 @@ std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::stri
   c10::DeviceGuard guard(device);
   Comm& c = comm_for(group_name, device);
   cudaStream_t stream = current_stream(device);
-  const int next = (c.rank + 1) % c.size;
-  const int prev = (c.rank - 1 + c.size) % c.size;
+  const int s = static_cast<int>(((shift % c.size) + c.size) % c.size);
+  const int next = (c.rank + s) % c.size;
+  const int prev = (c.rank - s + c.size) % c.size;
   std::vector<at::Tensor> inputs, outputs;
   for (const auto& t : tensors) {
     inputs.push_back(t.contiguous());
     outputs.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
   }
-  if (c.size == 1) {
+  if (c.size == 1 || s == 0) {
     for (size_t i = 0; i < inputs.size(); ++i) outputs[i].copy_(inputs[i]);
     return outputs;
   }
