@@ -18,7 +18,6 @@ import importlib.util
 import os
 import shutil
 import sys
-import warnings
 
 from setuptools import find_packages, setup
 
@@ -39,9 +38,8 @@ def _skip(mode: str, name: str, reason: str) -> None:
         flag = "M2_BUILD_EXT" if name == "_C" else "M2_BUILD_NCCL"
         raise SystemExit(f"m2kernels: the {name} extension was required ({flag}=1) but cannot be built: "
                          f"{reason}")
-    msg = f"m2kernels: not building the {name} extension: {reason}"
-    warnings.warn(msg, stacklevel=1)
-    print("WARNING: " + msg, file=sys.stderr)
+    # One line on stderr (pip shows it with -v; `python -m m2kernels.info` tells later what is built).
+    print(f"WARNING: m2kernels: not building the {name} extension: {reason}", file=sys.stderr)
 
 
 def _toolchain():

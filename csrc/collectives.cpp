@@ -92,7 +92,7 @@ std::vector<at::Tensor> reduce_scatter_coalesced(at::TensorList tensor_list, std
   std::vector<std::vector<int64_t>> shapes;
   for (size_t i = 0; i < tensors.size(); ++i) {
     shapes.push_back(scattered_shape(tensors[i], world, "reduce_scatter_coalesced", i));
-    cols.push_back(tensors[i].contiguous().view({world, -1}));
+    cols.push_back(tensors[i].contiguous().view({world, tensors[i].numel() / world}));
   }
   at::Tensor flat = at::cat(cols, 1).contiguous().view({-1});
   const int64_t chunk = flat.numel() / world;
@@ -115,10 +115,10 @@ std::vector<at::Tensor> reduce_scatter_coalesced(at::TensorList tensor_list, std
   return out;
 }
 
-// Posts send(flat, rank+1) and recv(buffer, rank-1); returns {recv_buffer, send_buffer} with the
+// Posts send(flat, rank+shift) and recv(buffer, rank-shift); returns {recv_buffer, send_buffer} with the
 // pending work registered on both (c10d::register_work), to be awaited with
 // torch.ops._c10d_functional.wait_tensor. The send buffer is returned so it stays alive until then.
-std::vector<at::Tensor> ring_exchange_start(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange_start(at::TensorList tensor_list, std::string group_name, int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
   check_tensor_list(tensors, "ring_exchange", /*same_dtype=*/false);
   auto pg = group_of(group_name);
@@ -126,36 +126,37 @@ std::vector<at::Tensor> ring_exchange_start(at::TensorList tensor_list, std::str
   const int rank = pg->getRank();
   at::Tensor send = pack_bytes(tensors);
   at::Tensor recv = at::empty_like(send);
-  if (world == 1) {
+  const int s = static_cast<int>(((shift % world) + world) % world);
+  if (s == 0) {  // world size 1, or a shift that comes back to this rank
     recv.copy_(send);
     return {recv, send};
   }
   if (send.numel() == 0) return {recv, send};
-  std::vector<at::Tensor> s{send};
-  std::vector<at::Tensor> r{recv};
-  const int next = (rank + 1) % world;
-  const int prev = (rank - 1 + world) % world;
+  std::vector<at::Tensor> sv{send};
+  std::vector<at::Tensor> rv{recv};
+  const int next = (rank + s) % world;
+  const int prev = (rank - s + world) % world;
   if (send.is_cuda()) {
     // NCCL: both point-to-point ops in one group call, otherwise the ring can deadlock.
     pg->startCoalescing(c10::DeviceType::CUDA);
-    pg->send(s, next, kRingTag);
-    pg->recv(r, prev, kRingTag);
+    pg->send(sv, next, kRingTag);
+    pg->recv(rv, prev, kRingTag);
     auto work = pg->endCoalescing(c10::DeviceType::CUDA);
     TORCH_CHECK(work, "ring_exchange: endCoalescing returned no work object");
     c10d::register_work(recv, work);
     c10d::register_work(send, work);
   } else {
-    auto send_work = pg->send(s, next, kRingTag);
-    auto recv_work = pg->recv(r, prev, kRingTag);
+    auto send_work = pg->send(sv, next, kRingTag);
+    auto recv_work = pg->recv(rv, prev, kRingTag);
     c10d::register_work(send, send_work);
     c10d::register_work(recv, recv_work);
   }
   return {recv, send};
 }
 
-std::vector<at::Tensor> ring_exchange(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange(at::TensorList tensor_list, std::string group_name, int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
-  auto bufs = ring_exchange_start(tensor_list, std::move(group_name));
+  auto bufs = ring_exchange_start(tensor_list, std::move(group_name), shift);
   c10d::wait_tensor(bufs[1]);
   c10d::wait_tensor(bufs[0]);
   return unpack_bytes(bufs[0], tensors);
@@ -186,7 +187,7 @@ std::vector<at::Tensor> reduce_scatter_coalesced_meta(at::TensorList tensor_list
   return out;
 }
 
-std::vector<at::Tensor> ring_exchange_meta(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange_meta(at::TensorList tensor_list, std::string group_name, int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
   check_tensor_list(tensors, "ring_exchange", false);
   std::vector<at::Tensor> out;
@@ -194,7 +195,8 @@ std::vector<at::Tensor> ring_exchange_meta(at::TensorList tensor_list, std::stri
   return out;
 }
 
-std::vector<at::Tensor> ring_exchange_start_meta(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange_start_meta(at::TensorList tensor_list, std::string group_name,
+                                                 int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
   check_tensor_list(tensors, "ring_exchange", false);
   int64_t total = 0;
@@ -211,8 +213,9 @@ std::string build_torch_version() { return M2_TORCH_VERSION; }
 TORCH_LIBRARY(m2kernels, m) {
   m.def("all_gather_coalesced(Tensor[] tensors, str group_name) -> Tensor[]");
   m.def("reduce_scatter_coalesced(Tensor[] tensors, str group_name) -> Tensor[]");
-  m.def("ring_exchange(Tensor[] tensors, str group_name) -> Tensor[]");
-  m.def("ring_exchange_start(Tensor[] tensors, str group_name) -> Tensor[]");
+  // shift: send to group rank (rank + shift) mod world, receive from (rank - shift) mod world.
+  m.def("ring_exchange(Tensor[] tensors, str group_name, int shift=1) -> Tensor[]");
+  m.def("ring_exchange_start(Tensor[] tensors, str group_name, int shift=1) -> Tensor[]");
   m.def("build_torch_version() -> str", &m2kernels::build_torch_version);
 }
 

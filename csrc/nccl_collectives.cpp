@@ -67,27 +67,38 @@ ncclDataType_t nccl_dtype(at::ScalarType t, const char* op) {
 
 struct Comm {
   ncclComm_t comm = nullptr;
+  const c10d::ProcessGroup* pg = nullptr;  // the group it was made for (names are reused after re-init)
   int rank = 0;
   int size = 1;
 };
 
 std::mutex g_mutex;
 std::map<std::pair<std::string, int>, Comm> g_comms;
+std::map<std::pair<std::string, int>, int> g_generation;
 
 // One communicator per (group name, device): rank 0 creates the unique id and publishes it in the
-// group's store; every rank initialises its communicator from it.
+// group's store; every rank initialises its communicator from it. A group destroyed and re-created
+// under the same name gets a new communicator, under a new store key (every rank counts the
+// communicators it made for a name in the same order, so the keys agree). Communicators live until
+// the process exits (destroying one is a synchronising call that must not run at exit).
 Comm& comm_for(const std::string& group_name, const at::Device& device) {
   std::lock_guard<std::mutex> lock(g_mutex);
   auto key = std::make_pair(group_name, static_cast<int>(device.index()));
-  auto it = g_comms.find(key);
-  if (it != g_comms.end()) return it->second;
   auto pg = c10d::resolve_process_group(group_name);
+  auto it = g_comms.find(key);
+  if (it != g_comms.end() && it->second.pg == pg.get() && it->second.size == pg->getSize() &&
+      it->second.rank == pg->getRank()) {
+    return it->second;
+  }
   auto store = pg->getStore();
   TORCH_CHECK(store, "m2kernels NCCL: process group '", group_name, "' has no store to share the NCCL id");
   Comm c;
+  c.pg = pg.get();
   c.rank = pg->getRank();
   c.size = pg->getSize();
-  const std::string store_key = "m2kernels/nccl_uid/" + group_name + "/" + std::to_string(device.index());
+  const int generation = g_generation[key]++;
+  const std::string store_key = "m2kernels/nccl_uid/" + group_name + "/" + std::to_string(device.index()) +
+                                "/" + std::to_string(generation);
   ncclUniqueId uid;
   if (c.rank == 0) {
     M2_NCCL_CHECK(ncclGetUniqueId(&uid));
@@ -101,7 +112,8 @@ Comm& comm_for(const std::string& group_name, const at::Device& device) {
   }
   c10::DeviceGuard guard(device);
   M2_NCCL_CHECK(ncclCommInitRank(&c.comm, c.size, uid, c.rank));
-  return g_comms.emplace(key, c).first->second;
+  g_comms[key] = c;
+  return g_comms[key];
 }
 
 cudaStream_t current_stream(const at::Device& device) {
@@ -176,7 +188,7 @@ std::vector<at::Tensor> reduce_scatter_coalesced_nccl(at::TensorList tensor_list
   return outputs;
 }
 
-std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::string group_name) {
+std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::string group_name, int64_t shift) {
   std::vector<at::Tensor> tensors = tensor_list.vec();
   check_tensor_list(tensors, "ring_exchange", false);
   check_cuda(tensors, "ring_exchange");
@@ -184,14 +196,15 @@ std::vector<at::Tensor> ring_exchange_nccl(at::TensorList tensor_list, std::stri
   c10::DeviceGuard guard(device);
   Comm& c = comm_for(group_name, device);
   cudaStream_t stream = current_stream(device);
-  const int next = (c.rank + 1) % c.size;
-  const int prev = (c.rank - 1 + c.size) % c.size;
+  const int s = static_cast<int>(((shift % c.size) + c.size) % c.size);
+  const int next = (c.rank + s) % c.size;
+  const int prev = (c.rank - s + c.size) % c.size;
   std::vector<at::Tensor> inputs, outputs;
   for (const auto& t : tensors) {
     inputs.push_back(t.contiguous());
     outputs.push_back(at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous)));
   }
-  if (c.size == 1) {
+  if (c.size == 1 || s == 0) {
     for (size_t i = 0; i < inputs.size(); ++i) outputs[i].copy_(inputs[i]);
     return outputs;
   }

@@ -108,6 +108,9 @@ def load() -> bool:
     """Loads ``_C`` (once) and registers its autograd formulas. False means: use the Python path."""
     if disabled():
         return False
+    done = _status.get("_C")
+    if done is not None:  # lock-free after the first call (and traceable by torch.compile)
+        return done.loaded
     with _lock:
         first = "_C" not in _status
         st = _load_library("_C")

@@ -45,9 +45,18 @@ def test_extension_is_built_and_matches_torch():
     assert co.using_extension()
 
 
-def test_library_built_for_other_torch_is_refused(monkeypatch):
-    if _ext.find_library("_C") is None:
+def test_library_built_for_other_torch_is_refused(monkeypatch, tmp_path):
+    path = _ext.find_library("_C")
+    if path is None:
         pytest.skip("no library to refuse")
+    # The marker is read from the file itself: a copy with another version string reads back as such.
+    data = open(path, "rb").read()
+    marker = f"M2KERNELS_BUILD_TORCH_VERSION={torch.__version__};".encode()
+    assert data.count(marker) == 1
+    other = "9" * len(torch.__version__)
+    (tmp_path / "copy.so").write_bytes(data.replace(marker, marker.replace(torch.__version__.encode(),
+                                                                           other.encode())))
+    assert _ext.library_torch_version(str(tmp_path / "copy.so")) == other
     monkeypatch.setattr(_ext, "_status", {})
     monkeypatch.setattr(_ext, "_warned", False)
     monkeypatch.setattr(_ext, "library_torch_version", lambda path: "1.0.0")
@@ -95,8 +104,10 @@ def test_bad_inputs_raise_clear_errors(world1, use_ext):
         co.all_gather_coalesced(x, use_extension=use_ext)
     with pytest.raises(ValueError, match="0-dimensional"):
         co.ring_exchange([x, torch.tensor(1.0)], use_extension=use_ext)
-    with pytest.raises(TypeError, match="dtype"):
-        co.reduce_scatter_coalesced([x, x.double()], use_extension=use_ext)
+    # Mixed dtypes in a reduce-scatter: one collective per dtype, results in input order.
+    a, b = co.reduce_scatter_coalesced([x, x.double()], use_extension=use_ext)
+    assert a.dtype == torch.float32 and b.dtype == torch.float64
+    assert torch.equal(a, x) and torch.equal(b, x.double())
     with pytest.raises(TypeError, match="torch.Tensor"):
         co.all_gather_coalesced([x, 3], use_extension=use_ext)
 
@@ -144,6 +155,19 @@ def test_torch_compile_fullgraph(world1):
     torch.testing.assert_close(x.grad, torch.ones_like(x))
     torch.testing.assert_close(y.grad, 0.5 * y.detach())
 
+    # The public functions trace too (with check=False: the rank-agreement check is eager-only).
+    def g(x, y):
+        a, b = co.all_gather_coalesced([x, y], world1, check=False)
+        (r,) = co.reduce_scatter_coalesced([a * 3.0], world1, check=False)
+        return r.sum() + b.sum()
+
+    x.grad = y.grad = None
+    out = torch.compile(g, fullgraph=True, backend="aot_eager")(x, y)
+    out.backward()
+    torch.testing.assert_close(out, 3.0 * x.detach().sum() + y.detach().sum())
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+    torch.testing.assert_close(y.grad, torch.ones_like(y))
+
 
 # ------------------------------------------------------------------------------------------------
 # multi-process gloo checks
@@ -185,24 +209,34 @@ def _check_paths(group, members: list[int], use_ext: bool) -> None:
 
     # reduce-scatter (sum) == dist.reduce_scatter of the same chunks.
     fl = [torch.randn(2 * world, 3, generator=torch.Generator().manual_seed(rank)),
-          torch.randn(world, generator=torch.Generator().manual_seed(50 + rank))]
+          torch.randn(world, generator=torch.Generator().manual_seed(50 + rank)).double(),
+          torch.zeros(0, 3),
+          torch.randn(world, 2, generator=torch.Generator().manual_seed(90 + rank))]
     got = co.reduce_scatter_coalesced(fl, group, use_extension=use_ext)
     for i, t in enumerate(fl):
+        if t.numel() == 0:
+            assert got[i].shape == (0, 3) and got[i].dtype == t.dtype
+            continue
         ref = torch.empty_like(t.chunk(world)[0])
         dist.reduce_scatter(ref, list(t.chunk(world)), op=dist.ReduceOp.SUM, group=group)
+        assert got[i].dtype == t.dtype
         torch.testing.assert_close(got[i], ref, rtol=1e-6, atol=1e-6)
         expected = sum(
             [torch.randn(2 * world, 3, generator=torch.Generator().manual_seed(r)),
-             torch.randn(world, generator=torch.Generator().manual_seed(50 + r))][i] for r in members
+             torch.randn(world, generator=torch.Generator().manual_seed(50 + r)).double(),
+             torch.zeros(0, 3),
+             torch.randn(world, 2, generator=torch.Generator().manual_seed(90 + r))][i] for r in members
         ).chunk(world)[me]
         torch.testing.assert_close(got[i], expected, rtol=1e-5, atol=1e-6)
 
-    # ring: receive what the previous member sent; blocking and async give the same.
-    prev = members[(me - 1) % world]
-    for got in (co.ring_exchange(mine, group, use_extension=use_ext),
-                co.ring_exchange_async(mine, group, use_extension=use_ext).wait()):
-        for i, t in enumerate(_rank_tensors(prev)):
-            assert got[i].dtype == t.dtype and torch.equal(got[i], t), f"ring tensor {i} differs"
+    # ring: receive what the previous member sent (the next one with reverse=True); blocking and
+    # async give the same.
+    for reverse in (False, True):
+        src = members[(me + 1) % world] if reverse else members[(me - 1) % world]
+        for got in (co.ring_exchange(mine, group, reverse=reverse, use_extension=use_ext),
+                    co.ring_exchange_async(mine, group, reverse=reverse, use_extension=use_ext).wait()):
+            for i, t in enumerate(_rank_tensors(src)):
+                assert got[i].dtype == t.dtype and torch.equal(got[i], t), f"ring tensor {i} differs"
 
     # gradients through the all-gather: loss_k = sum_i <w_k,i, gathered_i> on every member k, so
     # d(sum_k loss_k)/d x_r = sum_k (rows of member r in w_k,i).
@@ -240,6 +274,12 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str) -> None:
             # Ranks that disagree on shapes get a ValueError on every rank, not a hang.
             bad = [torch.zeros(2 + rank, 3)]
             for use_ext in paths:
+                try:
+                    co.reduce_scatter_coalesced([torch.zeros(3, 2)], use_extension=use_ext)
+                except ValueError as e:
+                    assert "not divisible by the group size 2" in str(e)
+                else:
+                    raise AssertionError("3 rows were scattered over 2 ranks")
                 try:
                     co.all_gather_coalesced(bad, use_extension=use_ext)
                 except ValueError as e:

@@ -88,11 +88,13 @@ def _check_default(check: bool | None) -> bool:
 def _check_ranks_agree(tensors: list[torch.Tensor], group, op: str) -> None:
     """One small all-gather of (count, numel total, hash of shapes+dtypes); ValueError on mismatch."""
     desc = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
-    sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors), zlib.crc32(desc.encode())],
-                       dtype=torch.int64, device=tensors[0].device)
     world = dist.get_world_size(group)
     if world == 1:
         return
+    # The signature travels on the tensors' device, except over gloo (CPU collectives).
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else tensors[0].device
+    sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors), zlib.crc32(desc.encode())],
+                       dtype=torch.int64, device=device)
     everyone = torch.empty(world * 3, dtype=torch.int64, device=sig.device)
     dist.all_gather_single(everyone, sig, group=group)
     everyone = everyone.view(world, 3).cpu()
@@ -154,7 +156,8 @@ def _py_reduce_scatter(tensors: list[torch.Tensor], group, op: str) -> list[torc
         if t.shape[0] % world:
             raise ValueError(f"{op}: tensor {i} has {t.shape[0]} rows, which is not divisible by the "
                              f"group size {world}")
-    flat = torch.cat([t.detach().contiguous().view(world, -1) for t in tensors], dim=1).reshape(-1)
+    flat = torch.cat([t.detach().contiguous().view(world, t.numel() // world) for t in tensors], dim=1)
+    flat = flat.reshape(-1)
     chunk = flat.numel() // world
     reduced = torch.empty(chunk, dtype=flat.dtype, device=flat.device)
     if world == 1:
@@ -201,17 +204,18 @@ class _PyReduceScatter(torch.autograd.Function):
         return (None, *_py_all_gather(grads, ctx.group))
 
 
-def _py_ring_start(tensors: list[torch.Tensor], group):
+def _py_ring_start(tensors: list[torch.Tensor], group, shift: int):
     world = dist.get_world_size(group)
     send = _pack_bytes(tensors)
     recv = torch.empty_like(send)
-    if world == 1 or send.numel() == 0:
+    shift %= world
+    if shift == 0 or send.numel() == 0:
         recv.copy_(send)
         return recv, send, []
     rank = dist.get_rank(group)
     ops = [
-        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + 1) % world),
-        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - 1) % world),
+        dist.P2POp(dist.isend, send, group=group, group_peer=(rank + shift) % world),
+        dist.P2POp(dist.irecv, recv, group=group, group_peer=(rank - shift) % world),
     ]
     return recv, send, dist.batch_isend_irecv(ops)
 
@@ -242,9 +246,10 @@ def reduce_scatter_coalesced(tensors: Sequence[torch.Tensor], group=None, *, che
     """Sums every tensor over the ranks of ``group`` and returns this rank's dim-0 block of each.
 
     ``tensors[i]`` has ``world * n_i`` rows; output ``i`` is rows ``[rank * n_i, (rank + 1) * n_i)``
-    of the sum over ranks. One dtype for all tensors. Differentiable (backward = all-gather).
+    of the sum over ranks. A sum needs one dtype per buffer: the tensors travel in one collective per
+    dtype present (one in the usual case). Differentiable (backward = all-gather).
     """
-    tensors = _validate(tensors, "reduce_scatter_coalesced", same_dtype=True)
+    tensors = _validate(tensors, "reduce_scatter_coalesced", same_dtype=False)
     group = _resolve_group(group)
     world = dist.get_world_size(group)
     for i, t in enumerate(tensors):
@@ -253,9 +258,18 @@ def reduce_scatter_coalesced(tensors: Sequence[torch.Tensor], group=None, *, che
                              f"divisible by the group size {world}")
     if _check_default(check):
         _check_ranks_agree(tensors, group, "reduce_scatter_coalesced")
-    if using_extension(use_extension):
-        return list(torch.ops.m2kernels.reduce_scatter_coalesced(tensors, group.group_name))
-    return list(_PyReduceScatter.apply(group, *tensors))
+    ext = using_extension(use_extension)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):  # first-appearance order, same on every rank
+        idxs = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        part = [tensors[i] for i in idxs]
+        if ext:
+            reduced = torch.ops.m2kernels.reduce_scatter_coalesced(part, group.group_name)
+        else:
+            reduced = _PyReduceScatter.apply(group, *part)
+        for i, r in zip(idxs, reduced):
+            out[i] = r
+    return out
 
 
 class RingExchangeHandle:
@@ -275,19 +289,21 @@ class RingExchangeHandle:
         return self._result is not None
 
 
-def ring_exchange_async(tensors: Sequence[torch.Tensor], group=None, *, check: bool | None = None,
-                        use_extension: bool | None = None) -> RingExchangeHandle:
-    """Starts one ring step: sends every tensor to group rank + 1, receives from rank - 1.
+def ring_exchange_async(tensors: Sequence[torch.Tensor], group=None, *, reverse: bool = False,
+                        check: bool | None = None, use_extension: bool | None = None) -> RingExchangeHandle:
+    """Starts one ring step: sends every tensor to group rank + 1, receives from rank - 1
+    (``reverse=True``: sends to rank - 1, receives from rank + 1).
 
     Returns at once; compute can overlap until ``handle.wait()``. Not differentiable (inputs are
     detached); the received tensors have the shapes and dtypes of the sent ones.
     """
+    shift = -1 if reverse else 1
     tensors = [t.detach() for t in _validate(tensors, "ring_exchange", same_dtype=False)]
     group = _resolve_group(group)
     if _check_default(check):
         _check_ranks_agree(tensors, group, "ring_exchange")
     if using_extension(use_extension):
-        recv, send = torch.ops.m2kernels.ring_exchange_start(tensors, group.group_name)
+        recv, send = torch.ops.m2kernels.ring_exchange_start(tensors, group.group_name, shift)
 
         def wait_ext():
             torch.ops._c10d_functional.wait_tensor(send)
@@ -296,7 +312,7 @@ def ring_exchange_async(tensors: Sequence[torch.Tensor], group=None, *, check: b
 
         return RingExchangeHandle(wait_ext)
 
-    recv, send, works = _py_ring_start(tensors, group)
+    recv, send, works = _py_ring_start(tensors, group, shift)
 
     def wait_py():
         for w in works:
@@ -307,13 +323,14 @@ def ring_exchange_async(tensors: Sequence[torch.Tensor], group=None, *, check: b
     return RingExchangeHandle(wait_py)
 
 
-def ring_exchange(tensors: Sequence[torch.Tensor], group=None, *, check: bool | None = None,
-                  use_extension: bool | None = None) -> list[torch.Tensor]:
-    """One ring step, blocking: returns the tensors sent by group rank - 1 (see ring_exchange_async)."""
+def ring_exchange(tensors: Sequence[torch.Tensor], group=None, *, reverse: bool = False,
+                  check: bool | None = None, use_extension: bool | None = None) -> list[torch.Tensor]:
+    """One ring step, blocking: returns the tensors sent by group rank - 1 (rank + 1 with ``reverse``);
+    see ring_exchange_async."""
     if using_extension(use_extension):
         tensors = [t.detach() for t in _validate(tensors, "ring_exchange", same_dtype=False)]
         group = _resolve_group(group)
         if _check_default(check):
             _check_ranks_agree(tensors, group, "ring_exchange")
-        return list(torch.ops.m2kernels.ring_exchange(tensors, group.group_name))
-    return ring_exchange_async(tensors, group, check=check, use_extension=False).wait()
+        return list(torch.ops.m2kernels.ring_exchange(tensors, group.group_name, -1 if reverse else 1))
+    return ring_exchange_async(tensors, group, reverse=reverse, check=check, use_extension=False).wait()
