@@ -40,7 +40,7 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 DEFAULT_SAMPLES = (1024, 2048)
 FULL_SAMPLES = (1024, 2048, 4096, 8192)
 COLUMNS = ["device", "torch_version", "date", "comm_backend", "loss_backend", "world_size", "cpu_cores",
-           "oversubscribed", "mode", "group_size", "samples_per_rank", "global_batch",
+           "load_avg_1m", "oversubscribed", "mode", "group_size", "samples_per_rank", "global_batch",
            "candidates_per_positive", "dim", "dtype", "steps", "time_median_ms", "time_p20_ms",
            "time_p80_ms", "bytes_sent_formula", "bytes_sent_counted", "mib_sent"]
 
@@ -177,6 +177,9 @@ def write_plot(rows: list[dict], path: str) -> None:
         over = any(r["oversubscribed"] for r in rows if r["world_size"] == w)
         ax.set_title(f"world {w}, gloo" + (" (oversubscribed)" if over else ""))
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["samples_per_rank"] for r in rows})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_xlabel("samples per rank")
         ax.set_ylabel("forward+backward time per step (ms)")
@@ -233,6 +236,10 @@ def main(argv=None) -> int:
     rows = []
     for w in args.worlds:
         over = w > cores
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        if load > cores:
+            print(f"note: 1-minute load average {load:.1f} exceeds the {cores} cores: other processes "
+                  "compete for the CPU and the times are inflated", flush=True)
         print(f"world {w}" + (f": OVERSUBSCRIBED ({w} processes on {cores} CPU cores; times include CPU "
                               "contention, compare modes within this world size only)" if over else ""),
               flush=True)
@@ -244,7 +251,7 @@ def main(argv=None) -> int:
             rows.append({
                 "device": device, "torch_version": torch.__version__, "date": date, "comm_backend": "gloo",
                 "loss_backend": args.loss_backend, "world_size": w, "cpu_cores": cores,
-                "oversubscribed": over,
+                "load_avg_1m": round(load, 2), "oversubscribed": over,
                 "mode": r["mode"], "group_size": "" if r["group_size"] is None else r["group_size"],
                 "samples_per_rank": r["samples_per_rank"], "global_batch": w * r["samples_per_rank"],
                 "candidates_per_positive": candidates(r["mode"], w, r["group_size"], r["samples_per_rank"]),

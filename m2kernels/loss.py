@@ -24,18 +24,32 @@ class ClipLoss(nn.Module):
 
     * ``mode`` (``"global"``, ``"ring"``, ``"hierarchical"``, ``"grouped"``) over the process group
       ``group`` (default WORLD), ``group_size`` ranks per sub-group (default ``LOCAL_WORLD_SIZE``): each
-      rank returns its share of the loss; the open_clip flags are then ignored.
+      rank returns its share of the loss; ``local_loss``/``gather_with_grad`` are then ignored, and
+      ``rank``/``world_size``, when given, must match the process group.
     * ``mode=None`` and ``world_size > 1``: open_clip's semantics. ``local_loss=True`` is mode
       ``global`` (open_clip's ``--local-loss --gather-with-grad``); ``local_loss=False`` returns the
       full loss on every rank, with open_clip's gradient scaling (W times the loss's gradient with
       ``gather_with_grad=True``, 1 times without).
     """
 
-    def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
-                 rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, mode: Optional[str] = None,
-                 group=None, group_size: Optional[int] = None, backend: str = "auto",
-                 label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
-                 deterministic: bool = False, check_finite: bool = False):
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        *,
+        mode: Optional[str] = None,
+        group=None,
+        group_size: Optional[int] = None,
+        backend: str = "auto",
+        label_smoothing: float = 0.0,
+        chunk_size: Optional[int] = None,
+        deterministic: bool = False,
+        check_finite: bool = False,
+    ):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported; use torch.distributed process groups")
@@ -64,6 +78,7 @@ class ClipLoss(nn.Module):
         self.check_finite = check_finite
 
     def _check_rank(self):
+        """``rank``/``world_size`` (open_clip's arguments) must describe this rank in the process group."""
         import torch.distributed as dist
 
         from m2kernels.distributed.topology import resolve_group
@@ -74,11 +89,19 @@ class ClipLoss(nn.Module):
                              f"process group (rank {dist.get_rank(group)} of {dist.get_world_size(group)})")
         return group
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
-                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False):
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale,
+        logit_bias: Optional[torch.Tensor] = None,
+        output_dict: bool = False,
+    ):
         opts = dict(label_smoothing=self.label_smoothing, backend=self.backend, chunk_size=self.chunk_size,
                     deterministic=self.deterministic, check_finite=self.check_finite)
         if self.mode is not None:
+            if self.world_size != 1 or self.rank != 0:
+                self._check_rank()
             loss = clip_loss(image_features, text_features, logit_scale, logit_bias, mode=self.mode,
                              group=self.group, group_size=self.group_size, **opts)
         elif self.world_size > 1:

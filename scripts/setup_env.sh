@@ -10,11 +10,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-stamp=.venv/.m2-setup-$(cat setup.py constraints.txt scripts/setup_env.sh | sha1sum | cut -c1-12)
+# The stamp covers the C++ sources too, so an edit of csrc/ rebuilds the extensions.
+stamp=.venv/.m2-setup-$(cat setup.py constraints.txt scripts/setup_env.sh csrc/*.cpp csrc/*.h csrc/*.py | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   export PIP_DISABLE_PIP_VERSION_CHECK=1 MAX_JOBS="${MAX_JOBS:-2}"
   pip install -q -c constraints.txt torch==2.13.0 triton==3.7.1
-  pip install -q -c constraints.txt -e ".[dev,train]"
+  # setup.py imports torch to compile csrc/ (m2kernels._C and, where NCCL and the CUDA headers are
+  # found, m2kernels._C_nccl), hence --no-build-isolation and the build tools installed first.
+  # nvidia-nccl-cu13 provides nccl.h and libnccl.so.2 for the NCCL-native extension (no GPU needed
+  # to build it). M2_BUILD_EXT=0/1 and M2_BUILD_NCCL=0/1 skip or require the extensions.
+  pip install -q -c constraints.txt "setuptools>=64" wheel ninja
+  pip install -q -c constraints.txt --no-deps nvidia-nccl-cu13
+  pip install -q -c constraints.txt --no-build-isolation -e ".[dev,train]"
   # Reference implementations we test and benchmark against. --no-deps: their declared
   # dependencies would pull torchvision (a CUDA build) or another torch.
   pip install -q --no-deps open-clip-torch==3.3.0 cn-clip==1.6.0 inf-cl==1.2.1

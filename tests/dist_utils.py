@@ -60,7 +60,8 @@ def shares_ref(x, y, s, offsets, grads, label_smoothing=0.0):
     s = s.detach().double().requires_grad_(True)
     logits = s * x @ y.T
     labels = torch.arange(x.shape[0])
-    rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    rows = torch.nn.functional.cross_entropy(logits, labels, reduction="none",
+                                             label_smoothing=label_smoothing)
     cols = torch.nn.functional.cross_entropy(logits.T, labels, reduction="none",
                                              label_smoothing=label_smoothing)
     w, b = len(offsets) - 1, x.shape[0]

@@ -41,7 +41,9 @@ def loss_and_grads(fn, x, y, s, t, upstream):
     loss = fn(x, y, s, t)
     inputs = [x, y, s] + ([t] if t is not None else [])
     grads = torch.autograd.grad(loss * upstream, inputs, allow_unused=True)
-    return [loss.detach()] + [g.detach() if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)]
+    return [loss.detach()] + [
+        g.detach() if g is not None else torch.zeros_like(i) for g, i in zip(grads, inputs)
+    ]
 
 
 def term_magnitudes(x, y, s, upstream):
@@ -61,7 +63,9 @@ def assert_close_rule(ours, plain, ref, dtype, what, magnitudes):
         err = (o.double() - r).abs().max().item()
         plain_err = (p.double() - r).abs().max().item()
         bound = factor * plain_err + atol * max(r.abs().max().item(), mag)
-        assert err <= bound, f"{what}: {name} error {err:.3g} > {bound:.3g} (plain {dtype} error {plain_err:.3g})"
+        assert err <= bound, (
+            f"{what}: {name} error {err:.3g} > {bound:.3g} (plain {dtype} error {plain_err:.3g})"
+        )
 
 
 def check(backend, b, d, dtype=torch.float32, chunk=None, eps=0.0, bias=True, seed=0, **kw):
@@ -69,18 +73,36 @@ def check(backend, b, d, dtype=torch.float32, chunk=None, eps=0.0, bias=True, se
     t = t if bias else None
     upstream = torch.randn((), generator=torch.Generator().manual_seed(seed + 1)).double() + 1.5
     ours = loss_and_grads(
-        lambda x, y, s, t: clip_loss(x, y, s, t, label_smoothing=eps, backend=backend, chunk_size=chunk, **kw),
-        x, y, s, t, upstream.to(torch.float32))
+        lambda x, y, s, t: clip_loss(
+            x, y, s, t, label_smoothing=eps, backend=backend, chunk_size=chunk, **kw
+        ),
+        x,
+        y,
+        s,
+        t,
+        upstream.to(torch.float32),
+    )
     plain = loss_and_grads(
         lambda x, y, s, t: clip_loss_ref(x, y, s, t, label_smoothing=eps, upcast=False),
-        x, y, s, t, upstream.to(dtype))
+        x,
+        y,
+        s,
+        t,
+        upstream.to(dtype),
+    )
     ref = loss_and_grads(
-        lambda x, y, s, t: clip_loss_ref(x, y, s, t, label_smoothing=eps, upcast=True),
-        x, y, s, t, upstream)
+        lambda x, y, s, t: clip_loss_ref(x, y, s, t, label_smoothing=eps, upcast=True), x, y, s, t, upstream
+    )
     assert ours[1].dtype == x.dtype and ours[1].shape == x.shape
     assert ours[3].dtype == s.dtype
-    assert_close_rule(ours, plain, ref, dtype, f"{backend} b={b} d={d} {dtype} chunk={chunk} eps={eps}",
-                      term_magnitudes(x, y, s, upstream))
+    assert_close_rule(
+        ours,
+        plain,
+        ref,
+        dtype,
+        f"{backend} b={b} d={d} {dtype} chunk={chunk} eps={eps}",
+        term_magnitudes(x, y, s, upstream),
+    )
     return ours, ref
 
 
@@ -149,8 +171,10 @@ def test_label_smoothing_matches_cross_entropy(eps, backend):
     x, y, s, _ = make_inputs(37, 23, torch.float64 if backend == "torch" else torch.float32, seed=3)
     logits = s.double() * x.double() @ y.double().T
     labels = torch.arange(37)
-    want = 0.5 * (F.cross_entropy(logits, labels, label_smoothing=eps)
-                  + F.cross_entropy(logits.T, labels, label_smoothing=eps))
+    want = 0.5 * (
+        F.cross_entropy(logits, labels, label_smoothing=eps)
+        + F.cross_entropy(logits.T, labels, label_smoothing=eps)
+    )
     got = clip_loss(x, y, s, label_smoothing=eps, backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     check(backend, 37, 23, eps=eps)
@@ -178,8 +202,9 @@ def test_float64_torch_backend_is_exact():
 def test_chunk_sizes_agree(chunk):
     x, y, s, _ = make_inputs(99, 31)
     ref = clip_loss(x, y, s, backend="reference")
-    torch.testing.assert_close(clip_loss(x, y, s, backend="torch", chunk_size=chunk), ref,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        clip_loss(x, y, s, backend="torch", chunk_size=chunk), ref, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -222,19 +247,26 @@ def test_matches_open_clip(b, d, eps, backend):
         def theirs(x, y, s, t):
             lpi, lpt = oc.ClipLoss().get_logits(x, y, s, t)
             labels = torch.arange(b)
-            return 0.5 * (F.cross_entropy(lpi, labels, label_smoothing=eps)
-                          + F.cross_entropy(lpt, labels, label_smoothing=eps))
+            return 0.5 * (
+                F.cross_entropy(lpi, labels, label_smoothing=eps)
+                + F.cross_entropy(lpt, labels, label_smoothing=eps)
+            )
     else:
         theirs = lambda x, y, s, t: oc.ClipLoss()(x, y, s, t)
     ref = loss_and_grads(theirs, x, y, s, t, upstream)
     ours = loss_and_grads(
-        lambda x, y, s, t: ClipLoss(backend=backend, label_smoothing=eps)(x, y, s, t), x, y, s, t, upstream)
+        lambda x, y, s, t: ClipLoss(backend=backend, label_smoothing=eps)(x, y, s, t), x, y, s, t, upstream
+    )
     for name, o, r in zip(["loss", "d_image", "d_text", "d_scale", "d_bias"], ours, ref):
         torch.testing.assert_close(o, r, rtol=2e-5, atol=2e-6, msg=lambda m, n=name: f"{n}: {m}")
     out = ClipLoss(backend=backend)(x, y, s, output_dict=True)
     assert set(out) == {"contrastive_loss"}
-    torch.testing.assert_close(out["contrastive_loss"], oc.ClipLoss()(x, y, s, output_dict=True)["contrastive_loss"],
-                               rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(
+        out["contrastive_loss"],
+        oc.ClipLoss()(x, y, s, output_dict=True)["contrastive_loss"],
+        rtol=2e-5,
+        atol=2e-6,
+    )
 
 
 def test_open_clip_constructor_arguments_accepted():
@@ -261,7 +293,9 @@ def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
 def test_torch_compile_fullgraph():
     x, y, s, _ = make_inputs(48, 16)
     x.requires_grad_(True)
-    fn = torch.compile(lambda x, y, s: clip_loss(x, y, s, backend="torch"), fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda x, y, s: clip_loss(x, y, s, backend="torch"), fullgraph=True, backend="aot_eager"
+    )
     loss = fn(x, y, s)
     loss.backward()
     x64 = x.detach().double().requires_grad_(True)
@@ -317,14 +351,17 @@ def test_bad_input_errors(make, exc, match):
         clip_loss(a, b, c, backend="torch")
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
-    (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
-    (dict(label_smoothing="x"), TypeError, "label_smoothing"),
-    (dict(backend="cuda"), ValueError, "backend"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-    (dict(chunk_size=2.5), ValueError, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+        (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+        (dict(label_smoothing="x"), TypeError, "label_smoothing"),
+        (dict(backend="cuda"), ValueError, "backend"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_size=2.5), ValueError, "chunk_size"),
+    ],
+)
 def test_bad_options(kwargs, exc, match):
     x, y, s, _ = make_inputs(6, 4)
     with pytest.raises(exc, match=match):

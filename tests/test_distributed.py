@@ -10,19 +10,30 @@ from __future__ import annotations
 import importlib.util
 import os
 import sysconfig
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from m2kernels import ClipLoss, clip_loss, clip_loss_ref
-from m2kernels.distributed import CommCounter, comm_bytes, distributed_clip_loss
+from m2kernels.distributed import (
+    CommCounter,
+    comm_bytes,
+    consecutive_subgroups,
+    distributed_clip_loss,
+    mesh_dim_group,
+    node_subgroups,
+    subgroups_from_rank_lists,
+)
 from m2kernels.distributed import collectives as C
 from tests.dist_utils import make_batch, shares_ref, spawn
 
 pytestmark = pytest.mark.distributed
 
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-11), torch.float32: dict(rtol=2e-4, atol=2e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}  # bf16: fp32 accumulation, results rounded to bf16
 
 
 def _close(actual, expected, dtype, what):
@@ -69,6 +80,8 @@ def _run_case(rank, world, mode, sizes, *, n=None, dim=16, backend="torch", dtyp
         a, b = offs[k0], offs[k0 + len(members)]
         expect += clip_loss_ref(x_all[a:b], y_all[a:b], s, label_smoothing=eps)
     _close(mean / world, expect / (world // len(members)), dtype, what + " mean loss")
+    if mode == "grouped" and n < world and eps == 0:  # fewer candidates: never above the global loss
+        assert float(mean / world) <= float(clip_loss_ref(x_all, y_all, s)) + 1e-6, what
     total_ds = scale.grad.double().reshape(1).clone()
     dist.all_reduce(total_ds)
     if mode == "grouped" and n < world:
@@ -117,6 +130,7 @@ def _world2(rank, world):
     _convention_check(rank, world, "global")
     # float32 features: fp32 accumulation, checked against the float64 reference
     _run_case(rank, world, "ring", [9, 8], dtype=torch.float32, eps=0.1)
+    _run_case(rank, world, "global", [6, 5], dtype=torch.bfloat16, eps=0.1, grads=[1.0, 0.5])
 
     # open_clip's ClipLoss(local_loss=True, gather_with_grad=True): same loss and gradients
     spec = importlib.util.spec_from_file_location(
@@ -127,7 +141,8 @@ def _world2(rank, world):
     lo, hi = offs[rank], offs[rank + 1]
     results = []
     for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
-                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world, backend="torch")):
+                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
+                          backend="torch")):
         x = x_all[lo:hi].clone().requires_grad_(True)
         y = y_all[lo:hi].clone().requires_grad_(True)
         scale = s.clone().requires_grad_(True)
@@ -136,6 +151,21 @@ def _world2(rank, world):
         ds = scale.grad.reshape(1).clone()
         dist.all_reduce(ds)
         results.append((loss.detach(), x.grad, y.grad, ds))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+    # open_clip's local_loss=True, gather_with_grad=False: its truncated gradient, per-rank ds included
+    results = []
+    for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world),
+                 ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world)):
+        x = x_all[lo:hi].clone().requires_grad_(True)
+        y = y_all[lo:hi].clone().requires_grad_(True)
+        scale = s.clone().requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = impl(x, y, scale)
+        (loss * (1.0 + rank)).backward()
+        results.append((loss.detach(), x.grad, y.grad, scale.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
@@ -171,6 +201,17 @@ def _world2(rank, world):
         clip_loss(x, x, 10.0, mode="nope")
     with pytest.raises(ValueError, match="does not match the process group"):
         ClipLoss(rank=rank, world_size=3)(x, x, 10.0)
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 if rank == 0 else 3),
+                             ValueError, "bad ranks: \\[1\\]")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 + rank), ValueError,
+                             "disagree on \\(mode, group_size\\)")
+    # no-grad calls give the same share
+    x_all, y_all, s, offs = make_batch([5, 6], 8, seed=4)
+    xs, ys = x_all[offs[rank]:offs[rank + 1]], y_all[offs[rank]:offs[rank + 1]]
+    with torch.no_grad():
+        share = clip_loss(xs, ys, s, mode="ring", backend="torch")
+    assert not share.requires_grad
+    torch.testing.assert_close(share, shares_ref(x_all, y_all, s, offs, [1.0, 1.0])[0][rank])
     # the group is still usable after the errors
     _run_case(rank, world, "global", [3, 3])
 
@@ -205,6 +246,40 @@ def _world4(rank, world):
     _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=2), ValueError,
                              "sub-group\\(s\\) \\[0\\]")
 
+    # topology helpers
+    sub = consecutive_subgroups(2)
+    assert (sub.size, sub.num_groups, sub.index, sub.local_rank) == (2, 2, rank // 2, rank % 2)
+    assert list(dist.get_process_group_ranks(sub.inner)) == [rank // 2 * 2, rank // 2 * 2 + 1]
+    assert list(dist.get_process_group_ranks(sub.cross)) == [rank % 2, rank % 2 + 2]
+    assert consecutive_subgroups(2).inner is sub.inner          # cached, not re-created
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    assert node_subgroups().inner_ranks == sub.inner_ranks
+    del os.environ["LOCAL_WORLD_SIZE"]
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE is not set"):
+        node_subgroups()
+    with pytest.raises(ValueError, match="does not divide"):
+        consecutive_subgroups(3)
+    pairs = subgroups_from_rank_lists([[0, 2], [1, 3]])
+    assert list(dist.get_process_group_ranks(pairs)) == [rank % 2, rank % 2 + 2]
+    with pytest.raises(ValueError, match="overlap"):
+        subgroups_from_rank_lists([[0, 1], [1, 2, 3]])
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("node", "local"))
+    assert list(dist.get_process_group_ranks(mesh_dim_group(mesh, "local"))) == list(sub.inner_ranks)
+    # a loss over an explicit group (the mesh's "node" dimension: ranks {l, l + 2})
+    x_all, y_all, s, offs = make_batch([3, 4, 5, 6], 8, seed=11)
+    pg = mesh_dim_group(mesh, "node")
+    members = [rank % 2, rank % 2 + 2]
+    xs = torch.cat([x_all[offs[q]:offs[q + 1]] for q in members])
+    ys = torch.cat([y_all[offs[q]:offs[q + 1]] for q in members])
+    x = x_all[offs[rank]:offs[rank + 1]].clone().requires_grad_(True)
+    loss = clip_loss(x, y_all[offs[rank]:offs[rank + 1]], s, mode="ring", group=pg, backend="torch")
+    loss.backward()
+    sub_offs = [0, offs[members[0] + 1] - offs[members[0]], xs.shape[0]]
+    shares, dx, _, _ = shares_ref(xs, ys, s, sub_offs, [1.0, 1.0])
+    me = members.index(rank)
+    torch.testing.assert_close(loss, shares[me])
+    torch.testing.assert_close(x.grad, dx[sub_offs[me]:sub_offs[me + 1]])
+
     # counted bytes of the collectives == comm_bytes formulas (equal shards)
     b, d = 4, 8
     for mode, n, eps in (("global", None, 0.0), ("ring", None, 0.1), ("hierarchical", 2, 0.1),
@@ -221,6 +296,21 @@ def _world4(rank, world):
         assert fwd.received == pytest.approx(expect["forward"]["received"]), (mode, n)
         assert bwd.sent == pytest.approx(expect["backward"]["sent"]), (mode, n, bwd.calls)
 
+    # through m2kernels.distributed.coalesced (the default) or straight to torch.distributed: identical
+    x_all, y_all, s, offs = make_batch([6, 3, 5, 4], 8, seed=9)
+    outs = []
+    for route in (True, False):
+        with C.route_through_coalesced(route):
+            x = x_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            y = y_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
+            scale = s.float().requires_grad_(True)
+            loss = clip_loss(x, y, scale, mode="hierarchical", group_size=2, label_smoothing=0.1,
+                             backend="torch")
+            (loss * (rank + 1)).backward()
+            outs.append((loss.detach(), x.grad, y.grad, scale.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
     # differentiable collectives: backward runs the other way
     x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
     sizes = [2, 1, 0, 2]
@@ -230,7 +320,8 @@ def _world4(rank, world):
     (full * torch.arange(1, 6, dtype=torch.float64)[:, None]).sum().backward()
     offs = [0, 2, 3, 3, 5]
     expect = torch.zeros(2, 3, dtype=torch.float64)
-    expect[:sizes[rank]] = world * torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)[:, None]
+    mine = torch.arange(offs[rank] + 1, offs[rank + 1] + 1, dtype=torch.float64)
+    expect[:sizes[rank]] = world * mine[:, None]
     torch.testing.assert_close(x.grad, expect)
     x = torch.full((3,), float(rank), dtype=torch.float64, requires_grad=True)
     got = C.ring_shift(x)

@@ -19,9 +19,14 @@ CASES = [c[0] for c in cases()]
 def compiled():
     # The interpreter replaces compilation, so compile in a child process without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "m2kernels.ops.compile_check", "--json"], env=env,
-                         capture_output=True, text=True, timeout=1800,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-m", "m2kernels.ops.compile_check", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert out.stdout.strip(), f"compile_check printed nothing; stderr:\n{out.stderr[-4000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
 

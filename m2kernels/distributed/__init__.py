@@ -17,6 +17,7 @@ from m2kernels.distributed.collectives import (
     ring_exchange_async,
     ring_shift,
 )
+from m2kernels.distributed.gba import GBAAccumulator
 from m2kernels.distributed.loss import MODES, comm_bytes, distributed_clip_loss, open_clip_loss
 from m2kernels.distributed.topology import (
     SubGroups,
@@ -29,7 +30,7 @@ from m2kernels.distributed.topology import (
 )
 
 __all__ = [
-    "MODES", "CommCounter", "SubGroups", "all_gather", "all_gather_with_grad", "all_reduce",
+    "MODES", "CommCounter", "GBAAccumulator", "SubGroups", "all_gather", "all_gather_with_grad", "all_reduce",
     "all_reduce_with_grad", "comm_bytes", "consecutive_subgroups", "distributed_clip_loss",
     "group_from_ranks", "mesh_dim_group", "node_local_size", "node_subgroups", "open_clip_loss",
     "reduce_scatter", "reduce_scatter_with_grad", "ring_exchange", "ring_exchange_async", "ring_shift",

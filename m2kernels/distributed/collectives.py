@@ -10,11 +10,13 @@ Raw collectives (no autograd; used inside the loss modes' own backward passes):
 * ``ring_exchange_async(tensors, group)``: sends each tensor to the next group rank and receives
   same-shaped tensors from the previous one; ``.wait()`` returns the received list.
 
-Every call is recorded by the active :class:`CommCounter` contexts, with the bytes this rank sends and
-receives under a bandwidth-optimal (ring) implementation: all-gather and reduce-scatter of ``n`` bytes
-per rank move ``(W-1) n`` bytes each way; an all-reduce of ``n`` bytes moves ``2 (W-1) n / W`` each
-way; a ring exchange moves ``n`` each way. ``comm_bytes`` in ``m2kernels.distributed.loss`` gives the
-same numbers in closed form.
+They go through ``m2kernels.distributed.coalesced`` (the compiled extension where built, else its
+pure-Python path; ``route_through_coalesced(False)`` calls torch.distributed directly instead, with
+identical results). Every call is recorded by the active :class:`CommCounter` contexts, with the
+bytes this rank sends and receives under a bandwidth-optimal (ring) implementation:
+all-gather and reduce-scatter of ``n`` bytes per rank move ``(W-1) n`` bytes each way; an all-reduce
+of ``n`` bytes moves ``2 (W-1) n / W`` each way; a ring exchange moves ``n`` each way. ``comm_bytes``
+in ``m2kernels.distributed.loss`` gives the same numbers in closed form.
 
 Differentiable collectives (small autograd.Functions with an explicit backward, after xformers'
 ``differentiable_collectives``): :func:`all_gather_with_grad` (backward: reduce-scatter),
@@ -25,6 +27,7 @@ to the previous one).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -91,9 +94,39 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+_USE_COALESCED = [True]
+
+
+@contextlib.contextmanager
+def route_through_coalesced(enabled: bool):
+    """Route the raw collectives through ``m2kernels.distributed.coalesced`` (the default: the compiled
+    extension where it is built, its pure-Python path otherwise) or straight to torch.distributed.
+    Both give identical results; every rank must choose the same."""
+    old = _USE_COALESCED[0]
+    _USE_COALESCED[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _USE_COALESCED[0] = old
+
+
+def _coalesced():
+    if not _USE_COALESCED[0]:
+        return None
+    from m2kernels.distributed import coalesced
+
+    return coalesced
+
+
 def all_gather(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Concatenate each tensor's copies from every rank of ``group`` along dim 0 (rank order)."""
     w = _size(group)
+    co = _coalesced()
+    if co is not None and w > 1:
+        tensors = [t.contiguous() for t in tensors]
+        for t in tensors:
+            _record("all_gather", (w - 1) * _nbytes(t), (w - 1) * _nbytes(t))
+        return [o.detach() for o in co.all_gather_coalesced(tensors, group, check=False)]
     outs = []
     for t in tensors:
         t = t.contiguous()
@@ -112,10 +145,19 @@ def all_gather(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor
 def reduce_scatter(tensors: Sequence[torch.Tensor], group=None) -> list[torch.Tensor]:
     """Sum each tensor over the ranks of ``group`` and keep this rank's block of ``rows / W`` rows."""
     w = _size(group)
-    outs = []
     for t in tensors:
         if t.shape[0] % w:
             raise ValueError(f"reduce_scatter needs a multiple of {w} rows, got {tuple(t.shape)}")
+    co = _coalesced()
+    if co is not None and w > 1:
+        outs = []
+        for t in tensors:  # one call per tensor: the coalesced sum needs a single dtype
+            t = t.contiguous()
+            _record("reduce_scatter", (w - 1) * _nbytes(t) / w, (w - 1) * _nbytes(t) / w)
+            outs.append(co.reduce_scatter_coalesced([t], group, check=False)[0].detach())
+        return outs
+    outs = []
+    for t in tensors:
         t = t.contiguous()
         if w == 1:
             outs.append(t.clone())
@@ -155,6 +197,11 @@ def ring_exchange_async(tensors: Sequence[torch.Tensor], group=None, reverse: bo
     tensors = [t.contiguous() for t in tensors]
     if w == 1:
         return _RingHandle([], [t.clone() for t in tensors])
+    co = _coalesced()
+    if co is not None and not reverse:
+        for t in tensors:
+            _record("ring_exchange", _nbytes(t), _nbytes(t))
+        return co.ring_exchange_async(tensors, group, check=False)
     me = dist.get_rank(group)
     step = -1 if reverse else 1
     dst, src = (me + step) % w, (me - step) % w

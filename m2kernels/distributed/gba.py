@@ -186,15 +186,17 @@ class GBAAccumulator:
 
     ``backward`` concatenates the ``K`` cached micro-batches (a local batch of ``K * b`` rows), computes
     ``loss_fn`` and its gradient w.r.t. the cached embeddings, the scale and the bias, then re-runs each
-    micro-batch forward with autograd and injects the cached gradients. The gradient of the logit scale
-    (and bias) is injected once, with the last micro-batch. Each re-run restores the CPU random state
-    (and the CUDA random state of the current device and of the devices of the tensor arguments) that
-    the micro-batch had in ``add``, and the autocast state, so dropout and in-forward augmentation
-    draw the same masks; the caller's random streams are left as they were after the last ``add``.
-    With ``no_sync`` (e.g. ``ddp_model.no_sync``), all re-runs but the last run inside it, so DDP
-    all-reduces the gradients once. ``scaler`` (a ``torch.amp.GradScaler``) scales the injected
-    gradients as ``scaler.scale(loss).backward()`` would. Returns the detached loss and clears the cache
-    (also when the backward fails part-way: parameter gradients may then be partly filled; zero them).
+    micro-batch forward with autograd and injects the cached gradients. The gradient of the logit scale (and
+    bias) is injected once, with the last micro-batch; the other re-runs inject an exact zero into it, so
+    that every parameter receives a gradient in every re-run (as DDP expects). Each re-run restores the CPU
+    random state (and the CUDA random state of the current device and of the devices of the tensor
+    arguments) that the micro-batch had in ``add``, and the autocast state, so dropout and in-forward
+    augmentation draw the same masks; the caller's random streams are left as they were after the last
+    ``add``. With ``no_sync`` (e.g. ``ddp_model.no_sync``), all re-runs but the last run inside it, so DDP
+    all-reduces the gradients once. ``scaler`` (a ``torch.amp.GradScaler``) scales the injected gradients as
+    ``scaler.scale(loss).backward()`` would. Returns the detached loss (with a distributed ``loss_fn``, this
+    rank's share: the mean over ranks is the loss) and clears the cache (also when the backward fails
+    part-way: parameter gradients may then be partly filled; zero them).
 
     Memory: only the embeddings (``2 * K * b * D`` values, plus the inputs, which the caller holds
     anyway) are cached between ``add`` and ``backward``; activations are recomputed, one micro-batch at

@@ -194,7 +194,7 @@ class _ExactLoss(torch.autograd.Function):
 
         dx_acc = torch.zeros(b, D, dtype=acc, device=x.device)
         held, held_c = _pad(y, bmax), _pad(c, bmax, float("-inf"))
-        carried = torch.zeros(bmax, D, dtype=acc, device=x.device)
+        carried = pending = None
         for t in range(plan.num):
             kt = (plan.node - t) % plan.num
             bsizes = plan.node_sizes(kt)
@@ -216,11 +216,17 @@ class _ExactLoss(torch.autograd.Function):
                 ptx = torch.zeros(block.shape[0], D, dtype=acc, device=x.device)
             ptx_p = _unvalid(ptx, bsizes, bmax)
             mine = C.reduce_scatter([ptx_p], plan.inner)[0] if n > 1 else ptx_p
-            carried = carried + mine
+            if plan.num == 1:
+                carried = mine
+                continue
+            # The dY accumulator travels with its shard and arrives home after G hops; each hop runs
+            # while the next step's tiles are computed.
+            carried = mine if pending is None else mine + pending.wait()[0]
             if handle is not None:
                 held, held_c = handle.wait()
-            if plan.num > 1:  # the dY accumulator travels with its shard and arrives home last
-                carried = C.ring_exchange([carried], plan.cross)[0]
+            pending = C.ring_exchange_async([carried], plan.cross)
+        if pending is not None:
+            carried = pending.wait()[0]
 
         x32, y32 = x.to(acc), y.to(acc)
         bx = dx_acc - 2.0 * (1.0 - eps) * wp * y32
@@ -233,15 +239,63 @@ class _ExactLoss(torch.autograd.Function):
         return (s * bx).to(x.dtype), (s * by).to(y.dtype), dscale, None
 
 
+class _OwnTermsLoss(torch.autograd.Function):
+    """``global``'s share L_q with open_clip's ``local_loss=True, gather_with_grad=False`` gradient.
+
+    There the gathered features (the local rows' copies included) are constants: rank q gets g_q times
+    the derivative of its own share through its rows' logits X_q Y_all^T (for X_q) and its columns'
+    logits Y_q X_all^T (for Y_q) only, a truncated gradient, and ``ds_q = g_q dL_q/ds``. No label
+    smoothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, scale, plan: _Plan):
+        return _ExactLoss.forward(ctx, x, y, scale, plan)
+
+    @staticmethod
+    def backward(ctx, grad):
+        plan: _Plan = ctx.plan
+        x, y, scale, r, c, _, y_all, c_all = ctx.saved_tensors
+        acc = acc_dtype(x.dtype)
+        s = scale.reshape(()).to(acc)
+        s1 = s.reshape(1).contiguous()
+        b, D = x.shape
+        W, B, bmax = plan.world, plan.total, plan.bmax
+        w = C.all_gather([grad.reshape(1).to(acc)], plan.group)[0] * (W / (2.0 * B))
+        wp = w[plan.me]
+        col_w = torch.cat([w[q].expand(sz) for q, sz in enumerate(plan.sizes)]).contiguous()
+        zeros_b = torch.zeros(b, dtype=acc, device=x.device)
+        args = (plan.backend, plan.chunk_size, plan.deterministic)
+        if b:
+            # rows of q against every column (row softmax), and every column's softmax over q's rows
+            row_y, _ = softmax_grad(x, y_all, s1, r, c_all, wp.expand(b).contiguous(),
+                                    torch.zeros_like(col_w), *args)
+            _, col_x = softmax_grad(x, y_all, s1, r, c_all, zeros_b, col_w, *args)
+        else:
+            row_y = torch.zeros(0, D, dtype=acc, device=x.device)
+            col_x = torch.zeros(B, D, dtype=acc, device=x.device)
+        sizes = list(plan.sizes)
+        col_home = C.reduce_scatter([_unvalid(col_x, sizes, bmax)], plan.group)[0][:b]
+        x32, y32 = x.to(acc), y.to(acc)
+        # X_q enters only its rows' logits, Y_q only its columns' (their gathered copies are constants)
+        bx = row_y - wp * y32
+        by = col_home - wp * x32
+        dscale = ((x32 * row_y).sum() + (y32 * col_home).sum() - 2.0 * wp * (x32 * y32).sum())
+        return (s * bx).to(x.dtype), (s * by).to(y.dtype), dscale.reshape(scale.shape).to(scale.dtype), None
+
+
 # --------------------------------------------------------------------------------------------------
 # Validation: every rank learns about every rank's problem before any data moves
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing, backend,
+def _check_local(group, image_features, text_features, logit_scale, logit_bias, label_smoothing, backend,
                  chunk_size, check_finite):
     """Local checks; returns (error message or None, prepared tuple or None)."""
     try:
+        if (dist.get_backend(group) == "nccl" and torch.is_tensor(image_features)
+                and image_features.device.type != "cuda"):
+            raise ValueError(f"the process group uses NCCL but the features are on {image_features.device}")
         for name, t in (("image_features", image_features), ("text_features", text_features)):
             if not torch.is_tensor(t):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -346,7 +400,8 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
                           logit_bias: Optional[torch.Tensor] = None, *, mode: str = "global", group=None,
                           group_size: Optional[int] = None, label_smoothing: float = 0.0,
                           backend: str = "auto", chunk_size: Optional[int] = None,
-                          deterministic: bool = False, check_finite: bool = False) -> torch.Tensor:
+                          deterministic: bool = False, check_finite: bool = False,
+                          _own_terms_gradient: bool = False) -> torch.Tensor:
     """This rank's share of the contrastive loss over a process group (see docs/distributed.md).
 
     ``mode``: ``"global"``, ``"ring"``, ``"hierarchical"`` (exact global-batch loss) or ``"grouped"``
@@ -365,9 +420,12 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     group = resolve_group(group)
     world = dist.get_world_size(group)
-    n = _resolve_group_size(mode, group_size, world)
-    err, prepared = _check_local(image_features, text_features, logit_scale, logit_bias, label_smoothing,
-                                 backend, chunk_size, check_finite)
+    err, prepared = _check_local(group, image_features, text_features, logit_scale, logit_bias,
+                                 label_smoothing, backend, chunk_size, check_finite)
+    try:  # e.g. LOCAL_WORLD_SIZE unset or not dividing the group on this rank only: all ranks raise
+        n = _resolve_group_size(mode, group_size, world)
+    except ValueError as e:
+        n, err, prepared = 0, err or f"ValueError: {e}", None
     sizes = _exchange_meta(group, err, prepared, mode, n)
     x, y, scale, bias, eps, backend = prepared
 
@@ -392,7 +450,13 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
                      deterministic)
     if plan.total == 0:
         raise ValueError("the global batch is empty on every rank of the process group")
-    loss = _ExactLoss.apply(x, y, scale, plan)
+    if _own_terms_gradient:  # open_clip's local_loss=True, gather_with_grad=False (see open_clip_loss)
+        if mode != "global" or eps:
+            raise ValueError("open_clip's truncated gradient (local_loss=True, gather_with_grad=False) is "
+                             "available for mode='global' without label smoothing")
+        loss = _OwnTermsLoss.apply(x, y, scale, plan)
+    else:
+        loss = _ExactLoss.apply(x, y, scale, plan)
     if bias is not None:
         loss = loss + (bias - bias).reshape(()).to(loss.dtype)  # NaN/Inf bias -> NaN loss, grad 0
     return loss
@@ -421,9 +485,10 @@ def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None, 
                    gather_with_grad: bool, group=None, **kwargs) -> torch.Tensor:
     """open_clip's ``ClipLoss(local_loss, gather_with_grad, world_size > 1)`` semantics on our kernels.
 
-    * ``local_loss=True``: this rank's share (mode ``global``); with ``gather_with_grad=False`` open_clip
-      drops the gradient that flows through the other ranks' losses: we return the exact gradient
-      instead (a warning says so once).
+    * ``local_loss=True``: this rank's share (mode ``global``). With ``gather_with_grad=False`` open_clip
+      drops the gradient that flows through the other ranks' losses (the gathered features are
+      constants); that truncated gradient is reproduced, with a one-time warning that it is not the
+      gradient of the loss (no label smoothing there).
     * ``local_loss=False``: the full global loss on every rank. ``gather_with_grad=True``: feature
       gradients are W times the loss's gradient (as open_clip); ``gather_with_grad=False``: 1 times
       (as open_clip, whose gathered copies carry no gradient). Exact for equal upstream gradients on
@@ -434,11 +499,12 @@ def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None, 
     if local_loss:
         if not gather_with_grad and "local_no_grad" not in _WARNED:
             _WARNED.add("local_no_grad")
-            warnings.warn("ClipLoss(local_loss=True, gather_with_grad=False): open_clip drops the gradient "
-                          "through the other ranks' losses; m2kernels computes the exact gradient",
+            warnings.warn("ClipLoss(local_loss=True, gather_with_grad=False) reproduces open_clip's "
+                          "truncated gradient (the other ranks' features are constants), which is not the "
+                          "gradient of the loss; gather_with_grad=True gives the exact one",
                           stacklevel=3)
         return distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, mode="global",
-                                     group=group, **kwargs)
+                                     group=group, _own_terms_gradient=not gather_with_grad, **kwargs)
     if not gather_with_grad and torch.is_tensor(image_features) and torch.is_tensor(text_features):
         image_features = _ScaleGrad.apply(image_features, 1.0 / world)
         text_features = _ScaleGrad.apply(text_features, 1.0 / world)

@@ -22,8 +22,12 @@ import torch
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 # (name, input dtype, PRECISION constexpr): the variants the launchers pick on a GPU.
-DTYPES = [("bf16", torch.bfloat16, "tf32"), ("fp16", torch.float16, "tf32"),
-          ("fp32", torch.float32, "ieee"), ("fp32-tf32", torch.float32, "tf32")]
+DTYPES = [
+    ("bf16", torch.bfloat16, "tf32"),
+    ("fp16", torch.float16, "tf32"),
+    ("fp32", torch.float32, "ieee"),
+    ("fp32-tf32", torch.float32, "tf32"),
+]
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
@@ -68,8 +72,11 @@ def compile_case(cc, kernel, dtype, precision, cfg, has_dy) -> dict:
         consts["HAS_DY"] = has_dy
     src = ASTSource(fn=fn, signature=_signature(kernel, _PTR[dtype]), constexprs=consts)
     t0 = time.perf_counter()
-    compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    compiled = triton.compile(
+        src,
+        target=GPUTarget("cuda", cc, 32),
+        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
+    )
     ptx = compiled.asm.get("ptx", "")
     return {
         "shared": int(compiled.metadata.shared),
@@ -99,9 +106,15 @@ def main(argv=None) -> int:
         bad = "error" in r or r["shared"] > r["limit"]
         failed += bad
         if not args.json:
-            print(f"{name:32s} " + (r["error"][:200] if "error" in r else
-                  f"shared {r['shared']:>7d} / {r['limit']} B  wgmma={r['wgmma']}  {r['seconds']:.1f}s")
-                  + ("  FAIL" if bad else ""))
+            print(
+                f"{name:32s} "
+                + (
+                    r["error"][:200]
+                    if "error" in r
+                    else f"shared {r['shared']:>7d} / {r['limit']} B  wgmma={r['wgmma']}  {r['seconds']:.1f}s"
+                )
+                + ("  FAIL" if bad else "")
+            )
     if args.json:
         print(json.dumps(results))
     return 1 if failed else 0

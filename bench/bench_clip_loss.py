@@ -1,0 +1,483 @@
+"""Contrastive-loss benchmark: m2kernels against the implementations users have today.
+
+    python -m bench.bench_clip_loss                       # CPU default: torch backend vs open_clip
+    python -m bench.bench_clip_loss --batch 4096 8192 --dim 512 --dtype fp32 --mode full
+    python -m bench.bench_clip_loss --fit-budget 8        # largest batch within 8 GiB, per provider
+
+Providers (each where it can run): ``m2-triton`` (CUDA), ``m2-torch`` (chunked PyTorch), ``dense``
+(plain PyTorch, logits materialised, same dtype), ``open_clip`` (open-clip-torch's ClipLoss),
+``inf-cl`` (CUDA; bidirectional as the mean of two one-direction calls, its documented usage).
+Every (provider, batch, dim, dtype, mode) runs in a fresh child process, interleaved by batch size,
+so peak memory is measured without what earlier runs left in the allocator. Results: median and
+20/80% quantiles of the time, peak memory above the inputs, appended as CSV rows naming device,
+versions and date; a PNG plot of time and memory against batch size; on CUDA the achieved TFLOP/s,
+counting the passes over S each provider makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from bench.common import RESULTS_DIR, PeakMemory, append_csv, environment, fmt_bytes, time_fn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PROVIDERS = ["m2-triton", "m2-torch", "dense", "open_clip", "inf-cl"]
+# Passes over S (B x B x D multiply-adds each) for forward + backward: what TFLOP/s is counted from.
+PASSES = {"m2-triton": (2, 3), "m2-torch": (1, 3), "dense": (1, 2), "open_clip": (2, 4), "inf-cl": (2, 8)}
+
+
+# --------------------------------------------------------------------------------------------------
+# providers
+# --------------------------------------------------------------------------------------------------
+
+
+def provider_available(name: str, device: torch.device) -> tuple[bool, str]:
+    if name == "m2-triton":
+        from m2kernels.ops.clip_loss import triton_available
+
+        ok, why = triton_available(device)
+        if ok and device.type != "cuda":
+            return False, "the triton backend is benchmarked on CUDA only (the CPU interpreter is for tests)"
+        return ok, why
+    if name == "open_clip":
+        try:
+            from m2kernels.reference import open_clip_loss_module
+
+            open_clip_loss_module()
+            return True, ""
+        except ImportError as exc:
+            return False, str(exc)
+    if name == "inf-cl":
+        if device.type != "cuda":
+            return False, "Inf-CL runs on CUDA only"
+        try:
+            import inf_cl  # noqa: F401
+
+            return True, ""
+        except Exception as exc:  # its import needs CUDA triton
+            return False, f"inf-cl does not import: {exc}"
+    return True, ""
+
+
+def make_loss(name: str):
+    if name == "m2-triton":
+        from m2kernels import clip_loss
+
+        return lambda x, y, s: clip_loss(x, y, s, backend="triton")
+    if name == "m2-torch":
+        from m2kernels import clip_loss
+
+        return lambda x, y, s: clip_loss(x, y, s, backend="torch")
+    if name == "dense":
+        from m2kernels.reference import clip_loss_ref
+
+        return lambda x, y, s: clip_loss_ref(x, y, s, upcast=False)
+    if name == "open_clip":
+        from m2kernels.reference import open_clip_loss_module
+
+        loss = open_clip_loss_module().ClipLoss()
+        return lambda x, y, s: loss(x, y, s)
+    if name == "inf-cl":
+        from inf_cl import cal_inf_loss
+
+        return lambda x, y, s: 0.5 * (cal_inf_loss(x, y, scale=s) + cal_inf_loss(y, x, scale=s))
+    raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# analytic memory model (bytes above the inputs, forward + backward peak)
+# --------------------------------------------------------------------------------------------------
+
+
+def memory_model(name: str, b: int, d: int, elem: int) -> float:
+    """Peak bytes above the two input matrices for forward + backward, from what each provider stores.
+
+    open_clip: two separate B x B logits matmuls, each kept for the logit-scale gradient, two
+    log-softmax outputs saved for backward (4 B^2 in the input dtype), plus two B^2 gradient buffers
+    live at the backward peak: 6 B^2 e. dense (our reference, upcast=False): one logits matmul kept,
+    the scaled logits, two log-softmax outputs, two gradient buffers: 6 B^2 e as well.
+    m2-torch: about three chunk x B fp32 temporaries (chunk = 2^24 / B, capped at B) plus fp32 copies
+    and accumulators of the features (about 6 B D fp32 at the backward peak, upcasts included).
+    m2-triton: no B^2 term; fp32 accumulators and upcast copies, about 6 B D fp32, plus O(B) LSEs.
+    inf-cl: upcasts to fp32 and keeps fp32 gradients of both calls: about 8 B D fp32.
+    """
+    if name in ("open_clip", "dense"):
+        return 6.0 * b * b * elem
+    if name == "m2-torch":
+        from m2kernels.ops.clip_loss import default_chunk_size
+
+        chunk = default_chunk_size(b, b)
+        return 3.0 * chunk * b * 4 + 6.0 * b * d * 4
+    if name == "m2-triton":
+        return 6.0 * b * d * 4 + 4.0 * b * 4
+    if name == "inf-cl":
+        return 8.0 * b * d * 4
+    raise ValueError(name)
+
+
+# --------------------------------------------------------------------------------------------------
+# one measurement (runs in a child process)
+# --------------------------------------------------------------------------------------------------
+
+
+def measure(cfg: dict) -> dict:
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    dtype = DTYPES[cfg["dtype"]]
+    b, d = cfg["batch"], cfg["dim"]
+    x = torch.nn.functional.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype)
+    y = torch.nn.functional.normalize(x.float() + 0.5 * torch.randn(b, d, device=device), dim=-1).to(dtype)
+    s = torch.tensor(1 / 0.07, device=device)
+    loss_fn = make_loss(cfg["provider"])
+    grad = cfg["mode"] != "forward-nograd"
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(grad) for t in (x, y, s)]
+
+    def forward(state=None):
+        xx, yy, ss = state if state is not None else leaves()
+        return loss_fn(xx, yy, ss)
+
+    def full(state):
+        forward(state).backward()
+
+    def backward(state):
+        state.backward()
+
+    # Peak memory first, in this fresh process, before timing loops leave freed memory in malloc's
+    # pools: one full forward (+ backward) above the inputs and leaves.
+    mode = cfg["mode"]
+    state = leaves()
+    with PeakMemory(device) as pm:
+        out = forward(state)
+        if mode != "forward":
+            out.backward()
+    del out, state
+    if mode == "full":
+        timing = time_fn(full, device, cfg["reps"], cfg["warmup"], setup=leaves)
+    elif mode == "forward":
+        timing = time_fn(forward, device, cfg["reps"], cfg["warmup"], setup=leaves)
+    elif mode == "backward":
+        timing = time_fn(backward, device, cfg["reps"], cfg["warmup"], setup=lambda: forward(leaves()))
+    else:
+        raise ValueError(mode)
+    row = dict(cfg)
+    row.update(timing)
+    row["peak_bytes"] = pm.peak
+    row["model_bytes"] = memory_model(cfg["provider"], b, d, x.element_size())
+    fwd, bwd = PASSES[cfg["provider"]]
+    passes = {"full": fwd + bwd, "forward": fwd, "backward": bwd}[mode]
+    row["tflops"] = passes * 2.0 * b * b * d / (timing["median_ms"] * 1e-3) / 1e12
+    return row
+
+
+def run_child(cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "bench.bench_clip_loss", "--worker", json.dumps(cfg)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # A fixed mmap threshold: every allocation of 1 MiB or more is its own mapping, returned to the
+    # system when freed, so the resident-set high-water mark tracks live tensors.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(cfg, error=f"timed out after {timeout:.0f} s")
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        if out.returncode in (-9, 137):
+            err = "killed (out of memory?)"
+        return dict(cfg, error=err[:300])
+    return json.loads(lines[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# dense-matmul reference rate (CUDA): what fraction of the chip the loss reaches
+# --------------------------------------------------------------------------------------------------
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, reps=10, warmup=3)
+    return 2.0 * n**3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+
+
+def print_table(rows: list[dict], baseline: str = "open_clip") -> None:
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["batch"], r["dim"], r["dtype"], r["mode"]), {})[r["provider"]] = r
+    print(
+        f"\n{'batch':>7} {'dim':>5} {'dtype':>5} {'mode':>8} {'provider':>10} {'median ms':>10} "
+        f"{'q20-q80 ms':>17} {'peak mem':>10} {'model':>10} {'time/' + baseline:>14} {'mem/' + baseline:>13}"
+    )
+    for key in sorted(by_key):
+        base = by_key[key].get(baseline)
+        for prov, r in by_key[key].items():
+            if "error" in r:
+                print(f"{key[0]:>7} {key[1]:>5} {key[2]:>5} {key[3]:>8} {prov:>10}  {r['error']}")
+                continue
+            tr = mr = "-"
+            if base and "error" not in base:
+                tr = f"{r['median_ms'] / base['median_ms']:.2f}x"
+                mr = f"{r['peak_bytes'] / max(base['peak_bytes'], 1):.3f}x"
+            print(
+                f"{key[0]:>7} {key[1]:>5} {key[2]:>5} {key[3]:>8} {prov:>10} {r['median_ms']:>10.1f} "
+                f"{r['q20_ms']:>8.1f}-{r['q80_ms']:<8.1f} {fmt_bytes(r['peak_bytes']):>10} "
+                f"{fmt_bytes(r['model_bytes']):>10} {tr:>14} {mr:>13}"
+            )
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    if not ok:
+        return
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for prov in sorted({r["provider"] for r in ok}):
+        pts = sorted((r["batch"], r["median_ms"], r["peak_bytes"]) for r in ok if r["provider"] == prov)
+        bs = [p[0] for p in pts]
+        ax_t.plot(bs, [p[1] for p in pts], marker="o", label=prov)
+        ax_m.plot(bs, [p[2] / 2**20 for p in pts], marker="o", label=prov)
+    r0 = ok[0]
+    for ax, lab in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size B")
+        ax.set_ylabel(lab)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"CLIP loss, D={r0['dim']}, {r0['dtype']}, {r0['mode']} — {r0['env_device']}", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# largest batch that fits a memory budget
+# --------------------------------------------------------------------------------------------------
+
+
+def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, timeout):
+    """Double B from ``start`` while the measured peak stays within the budget and one step stays under
+    ``time_cap_s``; then bisect between the last fitting and the first failing size (to 1/8 of it)."""
+    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    results = []
+    for prov in providers:
+        fits, fails, last_time, b, note = None, None, 0.0, start, ""
+        measured = []
+        while True:
+            cfg = dict(
+                provider=prov,
+                device=str(device),
+                batch=b,
+                dim=dim,
+                dtype=dtype,
+                mode="full",
+                reps=1,
+                warmup=0,
+            )
+            input_bytes = 2 * b * dim * elem
+            if memory_model(prov, b, dim, elem) + input_bytes > 1.25 * budget_bytes:
+                # Not run: far over the budget by the model (on the CPU it could exhaust the machine).
+                r = dict(cfg, error="not run: the memory model predicts more than 1.25x the budget")
+            else:
+                r = run_child(cfg, timeout)
+            measured.append(r)
+            if "error" in r or r["peak_bytes"] + input_bytes > budget_bytes:
+                fails = b
+            else:
+                fits, last_time = b, r["median_ms"] / 1e3
+            if fails is not None:
+                if fits is None or fails - fits <= max(fits // 8, 1):
+                    break
+                b = (fits + fails) // 2
+                continue
+            if last_time * 4.5 > time_cap_s:  # the next doubling would take about 4x longer
+                note = f"time cap: B={2 * b} would take about {4 * last_time:.0f} s a step"
+                break
+            b *= 2
+        model_fit = _model_largest(prov, dim, elem, budget_bytes)
+        results.append(
+            dict(
+                provider=prov,
+                largest_measured=fits,
+                first_failing=fails,
+                note=note,
+                model_largest=model_fit,
+                measurements=measured,
+            )
+        )
+    return results
+
+
+def _model_largest(prov, dim, elem, budget):
+    lo, hi = 1, 1 << 26
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if memory_model(prov, mid, dim, elem) + 2 * mid * dim * elem <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Contrastive-loss benchmark (see the module docstring).")
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--dim", type=int, nargs="+", default=[512])
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
+    p.add_argument("--mode", nargs="+", default=["full"], choices=["forward", "backward", "full"])
+    p.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 CUDA, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
+    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "clip_loss.csv"))
+    p.add_argument("--plot", default=os.path.join(RESULTS_DIR, "clip_loss.png"))
+    p.add_argument(
+        "--fit-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="find the largest batch each provider runs forward+backward within GIB",
+    )
+    p.add_argument("--fit-start", type=int, default=4096)
+    p.add_argument("--fit-time-cap", type=float, default=120.0, help="seconds per step before stopping")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        cfg = json.loads(args.worker)
+        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+        print(json.dumps(measure(cfg)), flush=True)
+        return 0
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    env = environment(device)
+    batches = args.batch or ([16384, 65536] if cuda else [4096, 8192, 16384])
+    dtypes = args.dtype or (["bf16"] if cuda else ["fp32"])
+    reps = args.reps or (10 if cuda else 3)
+    # On the CPU the memory measurement (one full step, first in each child) is the warm-up.
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
+    wanted = args.providers or (PROVIDERS if cuda else ["m2-torch", "open_clip"])
+    providers = []
+    for prov in wanted:
+        ok, why = provider_available(prov, device)
+        if ok:
+            providers.append(prov)
+        else:
+            print(f"skipping {prov}: {why}")
+    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
+
+    if args.fit_budget:
+        budget = int(args.fit_budget * 2**30)
+        res = fit_budget(
+            providers, device, args.dim[0], dtypes[0], budget, args.fit_start, args.fit_time_cap, args.timeout
+        )
+        what = f"forward + backward, D={args.dim[0]}, {dtypes[0]}"
+        print(f"\nlargest batch within {args.fit_budget:g} GiB ({what}):")
+        print(f"{'provider':>10} {'measured fits':>14} {'first failing':>14} {'model predicts':>15}  note")
+        rows = []
+        for r in res:
+            print(
+                f"{r['provider']:>10} {str(r['largest_measured']):>14} {str(r['first_failing']):>14} "
+                f"{r['model_largest']:>15}  {r['note']}"
+            )
+            for m in r["measurements"]:
+                if "error" not in m:
+                    rows.append(
+                        dict(
+                            m,
+                            env_device=env["device"],
+                            env_torch=env["torch"],
+                            env_date=env["date"],
+                            kind="fit-budget",
+                        )
+                    )
+            for m in r["measurements"]:
+                if "error" in m:
+                    print(f"{'':>10}   B={m['batch']:>7}: {m['error']}")
+                else:
+                    print(
+                        f"{'':>10}   B={m['batch']:>7}: peak {fmt_bytes(m['peak_bytes'])} "
+                        f"(model {fmt_bytes(m['model_bytes'])}), {m['median_ms'] / 1e3:.1f} s"
+                    )
+        append_csv(args.csv.replace(".csv", "_fit.csv"), rows)
+        return 0
+
+    rows = []
+    for dtype in dtypes:
+        base_rate = matmul_tflops(device, DTYPES[dtype]) if cuda else float("nan")
+        elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
+        for dim in args.dim:
+            for mode in args.mode:
+                for b in batches:
+                    for prov in providers:
+                        cfg = dict(
+                            provider=prov,
+                            device=str(device),
+                            batch=b,
+                            dim=dim,
+                            dtype=dtype,
+                            mode=mode,
+                            reps=reps,
+                            warmup=warmup,
+                        )
+                        need = memory_model(prov, b, dim, elem) + 2 * b * dim * elem
+                        if cuda and need > 0.95 * total_mem:
+                            r = dict(cfg, error=f"skipped: the memory model predicts {fmt_bytes(need)} "
+                                     f"> {fmt_bytes(total_mem)} of GPU memory")
+                        else:
+                            r = run_child(cfg, args.timeout)
+                        r.update(
+                            env_device=env["device"],
+                            env_torch=env["torch"],
+                            env_triton=env["triton"],
+                            env_date=env["date"],
+                            matmul_tflops=base_rate,
+                        )
+                        rows.append(r)
+                        msg = r.get("error") or f"{r['median_ms']:.1f} ms, peak {fmt_bytes(r['peak_bytes'])}"
+                        print(f"  {prov:>10} B={b:<7} D={dim:<5} {dtype} {mode}: {msg}", flush=True)
+    print_table(rows)
+    if cuda:
+        print("\nachieved TFLOP/s (passes over S counted per provider) vs dense matmul:")
+        for r in rows:
+            if "error" not in r:
+                print(
+                    f"  {r['provider']:>10} B={r['batch']:<7} {r['tflops']:7.1f} TFLOP/s "
+                    f"({100 * r['tflops'] / r['matmul_tflops']:.0f}% of {r['matmul_tflops']:.0f})"
+                )
+    full_rows = [{k: v for k, v in r.items()} for r in rows]
+    keys = sorted({k for r in full_rows for k in r})
+    path = append_csv(args.csv, [{k: r.get(k, "") for k in keys} for r in full_rows])
+    plot(rows, args.plot)
+    print(f"\nCSV: {path}\nplot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
