@@ -129,6 +129,14 @@ def test_config_file_and_cli_overrides(tmp_path, synth_dir):
         train(_cfg(synth_dir, tmp_path / "o", optimizer="lamb"))
 
 
+def test_shipped_configs_parse():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    demo = load_config(os.path.join(root, "configs", "demo_tiny.yaml"))
+    assert demo.loss_mode == "grouped" and demo.flip_prob == 0.0
+    base = load_config(os.path.join(root, "configs", "train_base.yaml"))
+    assert base.model == "base" and base.accum_steps == 4 and base.precision == "bf16"
+
+
 def test_cosine_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
