@@ -646,8 +646,10 @@ def parse_args(argv=None) -> TrainConfig:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="JSON or YAML file of TrainConfig keys")
     for f in dataclasses.fields(TrainConfig):
+        extra = {"nargs": "?", "const": "auto"} if f.name == "resume" else {}  # --resume alone: auto
+        default = f.default if f.default is not dataclasses.MISSING else "{}"
         ap.add_argument(f"--{f.name}", dest=f.name, default=None, type=_parse_value, metavar="VALUE",
-                        help=f"(default: {f.default if f.default is not dataclasses.MISSING else '{}'})")
+                        help=f"(default: {default})", **extra)
     args = vars(ap.parse_args(argv))
     path = args.pop("config")
     overrides = {key: v for key, v in args.items() if v is not None}

@@ -115,6 +115,9 @@ def test_config_file_and_cli_overrides(tmp_path, synth_dir):
     jpath = tmp_path / "c.json"
     jpath.write_text(json.dumps({"train_jsonl": "x.jsonl", "accum_steps": 2}))
     assert load_config(str(jpath)).accum_steps == 2
+    assert parse_args(["--config", str(path), "--resume"]).resume == "auto"
+    resume = parse_args(["--config", str(path), "--resume", "run/checkpoint-00000010.pt"]).resume
+    assert resume == "run/checkpoint-00000010.pt"
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(str(jpath), {"learning_rate": 1.0})
     with pytest.raises(ValueError, match="batch_size"):
