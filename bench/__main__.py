@@ -1,8 +1,9 @@
 """``python -m bench``: the CPU benchmark suite in one command (under 10 minutes on 2 cores).
 
 Runs, in order: the loss benchmark (torch backend vs open_clip at B = 4096, 8192, 16384, D = 512,
-fp32, forward + backward; one timed step after the memory-measuring one), the largest batch within a 2 GiB budget, the collectives
-benchmark (gloo), the coalesced-extension benchmark and the data-pipeline benchmark, where each exists.
+fp32, forward + backward; one timed step after the memory-measuring one), the largest batch within a
+2 GiB budget, the collectives benchmark (gloo), the coalesced-extension benchmark and the
+data-pipeline benchmark, where each exists.
 Pass ``--quick`` for a smaller smoke run. Results go to bench/results/ (CSV and PNG).
 """
 

@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from bench.common import device_name
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DEFAULT_SAMPLES = (1024, 2048)
@@ -52,19 +53,6 @@ def available_modes() -> list[str]:
     except ImportError:
         return []
     return list(MODES)
-
-
-def device_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {model} ({os.cpu_count()} cores)"
 
 
 def group_size_for(mode: str, world: int, group_size: int | None) -> int | None:
@@ -227,7 +215,7 @@ def main(argv=None) -> int:
             group_size_for(m, w, args.group_size)  # fail early on a group size that does not divide
 
     cores = os.cpu_count() or 1
-    device = device_name()
+    device = f"CPU {device_name(torch.device('cpu'))}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     print(f"{device}; torch {torch.__version__}; gloo; modes {modes}; samples per rank {list(samples)}; "
           f"D={args.dim} fp32; {args.warmup} warm-up + {args.steps} timed steps")
