@@ -180,6 +180,12 @@ def measure(cfg: dict) -> dict:
     return row
 
 
+def run_config(provider, device, batch, dim, dtype, mode, reps, warmup) -> dict:
+    """One measurement's settings, as passed to the child process."""
+    return dict(provider=provider, device=str(device), batch=batch, dim=dim, dtype=dtype, mode=mode,
+                reps=reps, warmup=warmup)
+
+
 def run_child(cfg: dict, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "bench.bench_clip_loss", "--worker", json.dumps(cfg)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,16 +291,7 @@ def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, t
         fits, fails, last_time, b, note = None, None, 0.0, start, ""
         measured = []
         while True:
-            cfg = dict(
-                provider=prov,
-                device=str(device),
-                batch=b,
-                dim=dim,
-                dtype=dtype,
-                mode="full",
-                reps=1,
-                warmup=0,
-            )
+            cfg = run_config(prov, device, b, dim, dtype, "full", reps=1, warmup=0)
             input_bytes = 2 * b * dim * elem
             if memory_model(prov, b, dim, elem) + input_bytes > 1.25 * budget_bytes:
                 # Not run: far over the budget by the model (on the CPU it could exhaust the machine).
@@ -439,16 +436,7 @@ def main(argv=None) -> int:
             for mode in args.mode:
                 for b in batches:
                     for prov in providers:
-                        cfg = dict(
-                            provider=prov,
-                            device=str(device),
-                            batch=b,
-                            dim=dim,
-                            dtype=dtype,
-                            mode=mode,
-                            reps=reps,
-                            warmup=warmup,
-                        )
+                        cfg = run_config(prov, device, b, dim, dtype, mode, reps, warmup)
                         need = memory_model(prov, b, dim, elem) + 2 * b * dim * elem
                         if cuda and need > 0.95 * total_mem:
                             r = dict(cfg, error=f"skipped: the memory model predicts {fmt_bytes(need)} "
