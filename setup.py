@@ -128,11 +128,11 @@ ext_modules, cmdclass = extensions()
 
 setup(
     name="m2kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Fused, chunked, distributed CLIP/ITC loss kernels and a lean bilingual M2-Encoder",
-    packages=find_packages(include=["m2kernels", "m2kernels.*", "m2model", "m2model.*", "bench"]),
+    packages=find_packages(include=["m2kernels", "m2kernels.*", "m2model", "m2model.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "einops", "tqdm"],
+    install_requires=["torch>=2.9", "numpy", "einops", "tqdm"],
     extras_require={
         "dev": ["pytest>=8", "ruff", "triton>=3.0", "matplotlib"],
         "train": ["nvidia-dali-cuda130", "pillow", "webdataset", "matplotlib", "sentencepiece", "pyyaml"],

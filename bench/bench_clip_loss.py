@@ -4,7 +4,9 @@
     python -m bench.bench_clip_loss --batch 4096 8192 --dim 512 --dtype fp32 --mode full
     python -m bench.bench_clip_loss --fit-budget 8        # largest batch within 8 GiB, per provider
 
-Providers (each where it can run): ``m2-triton`` (CUDA), ``m2-torch`` (chunked PyTorch), ``dense``
+Providers (each where it can run): ``m2-triton`` (CUDA; backward recomputes S), ``m2-triton-store``
+(CUDA; the forward keeps the fp32 dot products, the backward skips the recompute), ``m2-torch``
+(chunked PyTorch), ``m2-torch-store``, ``dense``
 (plain PyTorch, logits materialised, same dtype), ``open_clip`` (open-clip-torch's ClipLoss),
 ``inf-cl`` (CUDA; bidirectional as the mean of two one-direction calls, its documented usage).
 Every (provider, batch, dim, dtype, mode) runs in a fresh child process, interleaved by batch size,
@@ -27,9 +29,14 @@ import torch
 from bench.common import RESULTS_DIR, PeakMemory, append_csv, environment, fmt_bytes, time_fn
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PROVIDERS = ["m2-triton", "m2-torch", "dense", "open_clip", "inf-cl"]
-# Passes over S (B x B x D multiply-adds each) for forward + backward: what TFLOP/s is counted from.
-PASSES = {"m2-triton": (2, 3), "m2-torch": (1, 3), "dense": (1, 2), "open_clip": (2, 4), "inf-cl": (2, 8)}
+PROVIDERS = ["m2-triton", "m2-triton-store", "m2-torch", "m2-torch-store", "dense", "open_clip", "inf-cl"]
+# Passes over S (B x B x D multiply-adds each) for forward + backward, per provider.
+PASSES = {"m2-triton": (1, 3), "m2-triton-store": (1, 2), "m2-torch": (1, 3), "m2-torch-store": (1, 2),
+          "dense": (1, 2), "open_clip": (2, 4), "inf-cl": (2, 8)}
+# The effective rate counts this many passes for forward + backward, whoever computes the loss: the
+# matmuls the loss needs at the least with recomputation (1 forward, 3 backward).
+EFFECTIVE_PASSES = {"full": 4, "forward": 1, "backward": 3}
+MEMORY_BUDGET = 1 << 30  # m2kernels' default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -38,8 +45,8 @@ PASSES = {"m2-triton": (2, 3), "m2-torch": (1, 3), "dense": (1, 2), "open_clip":
 
 
 def provider_available(name: str, device: torch.device) -> tuple[bool, str]:
-    if name == "m2-triton":
-        from m2kernels.ops.clip_loss import triton_available
+    if name.startswith("m2-triton"):
+        from m2kernels.ops.tiling import triton_available
 
         ok, why = triton_available(device)
         if ok and device.type != "cuda":
@@ -66,14 +73,12 @@ def provider_available(name: str, device: torch.device) -> tuple[bool, str]:
 
 
 def make_loss(name: str):
-    if name == "m2-triton":
+    if name.startswith("m2-"):
         from m2kernels import clip_loss
 
-        return lambda x, y, s: clip_loss(x, y, s, backend="triton")
-    if name == "m2-torch":
-        from m2kernels import clip_loss
-
-        return lambda x, y, s: clip_loss(x, y, s, backend="torch")
+        backend = "triton" if name.startswith("m2-triton") else "torch"
+        store = name.endswith("-store")
+        return lambda x, y, s: clip_loss(x, y, s, backend=backend, store_logits=store)
     if name == "dense":
         from m2kernels.reference import clip_loss_ref
 
@@ -102,9 +107,11 @@ def memory_model(name: str, b: int, d: int, elem: int) -> float:
     the forward (4 B^2 in the input dtype); backward frees them as it produces gradients: 4 B^2 e.
     dense (our reference, upcast=False): the unscaled product kept for the logit-scale gradient, the
     scaled logits, two log-softmax outputs, and one gradient buffer at the backward peak: 5 B^2 e.
-    m2-torch: two chunk x B fp32 buffers at a time (chunk = 2^24 / B, capped at B) plus fp32 copies and
-    accumulators of the features (about 6 B D fp32 at the backward peak, upcasts included).
-    m2-triton: no B^2 term; fp32 accumulators and upcast copies, about 6 B D fp32, plus O(B) LSEs.
+    m2-triton: one G chunk in the input dtype within the memory budget (1 GiB), the fp32 dX and dY
+    accumulators and the two gradients in the input dtype (2 B D (4 + e)), O(B) log-sum-exps;
+    ``-store`` adds the fp32 dot products (4 B^2) kept from the forward.
+    m2-torch: about (12 + e) bytes per element of a row chunk within the budget, plus the same B D terms
+    (on the CPU, fp32 copies of the features as well: 2 B D 4).
     inf-cl: upcasts to fp32 and keeps fp32 gradients of both calls: about 8 B D fp32.
     Checked against measurements by ``--fit-budget`` and the model column of the main table.
     """
@@ -112,13 +119,12 @@ def memory_model(name: str, b: int, d: int, elem: int) -> float:
         return 4.0 * b * b * elem
     if name == "dense":
         return 5.0 * b * b * elem
-    if name == "m2-torch":
-        from m2kernels.ops.clip_loss import default_chunk_size
-
-        chunk = default_chunk_size(b, b)
-        return 2.0 * chunk * b * 4 + 6.0 * b * d * 4
-    if name == "m2-triton":
-        return 6.0 * b * d * 4 + 4.0 * b * 4
+    features = 2.0 * b * d * (4 + elem)
+    stored = 4.0 * b * b if name.endswith("-store") else 0.0
+    if name.startswith("m2-triton"):
+        return min(MEMORY_BUDGET, b * b * elem) + features + stored + 32.0 * b
+    if name.startswith("m2-torch"):
+        return min(MEMORY_BUDGET, b * b * (12 + elem)) + features + 2.0 * b * d * 4 + stored
     if name == "inf-cl":
         return 8.0 * b * d * 4
     raise ValueError(name)
@@ -177,6 +183,7 @@ def measure(cfg: dict) -> dict:
     fwd, bwd = PASSES[cfg["provider"]]
     passes = {"full": fwd + bwd, "forward": fwd, "backward": bwd}[mode]
     row["tflops"] = passes * 2.0 * b * b * d / (timing["median_ms"] * 1e-3) / 1e12
+    row["effective_tflops"] = EFFECTIVE_PASSES[mode] * 2.0 * b * b * d / (timing["median_ms"] * 1e-3) / 1e12
     return row
 
 
@@ -245,6 +252,24 @@ def print_table(rows: list[dict], baseline: str = "open_clip") -> None:
                 f"{r['q20_ms']:>8.1f}-{r['q80_ms']:<8.1f} {fmt_bytes(r['peak_bytes']):>10} "
                 f"{fmt_bytes(r['model_bytes']):>10} {tr:>14} {mr:>13}"
             )
+
+
+def print_device_table(rows: list[dict]) -> None:
+    """The GPU summary: time, effective TFLOP/s (4 passes over S for forward + backward, whoever computes
+    the loss), its ratio to the measured dense matmul rate, the provider's own pass count, peak memory."""
+    print(f"\n{'provider':>16} {'B':>7} {'D':>5} {'dtype':>5} {'ms':>9} {'eff TFLOP/s':>11} {'of matmul':>9} "
+          f"{'passes':>6} {'peak mem':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['provider']:>16} {r['batch']:>7} {r['dim']:>5} {r['dtype']:>5}  {r['error']}")
+            continue
+        f, b = PASSES[r["provider"]]
+        print(f"{r['provider']:>16} {r['batch']:>7} {r['dim']:>5} {r['dtype']:>5} {r['median_ms']:>9.1f} "
+              f"{r['effective_tflops']:>11.1f} {r['effective_tflops'] / r['matmul_tflops']:>8.0%} "
+              f"{f + b:>6} {fmt_bytes(r['peak_bytes']):>10}")
+    rates = {r["matmul_tflops"] for r in rows if "matmul_tflops" in r}
+    rate = ", ".join(f"{v:.0f}" for v in rates)
+    print(f"dense {rows[0]['dtype'] if rows else ''} matmul (8192^3): {rate} TFLOP/s")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -455,13 +480,7 @@ def main(argv=None) -> int:
                         print(f"  {prov:>10} B={b:<7} D={dim:<5} {dtype} {mode}: {msg}", flush=True)
     print_table(rows)
     if cuda:
-        print("\nachieved TFLOP/s (passes over S counted per provider) vs dense matmul:")
-        for r in rows:
-            if "error" not in r:
-                print(
-                    f"  {r['provider']:>10} B={r['batch']:<7} {r['tflops']:7.1f} TFLOP/s "
-                    f"({100 * r['tflops'] / r['matmul_tflops']:.0f}% of {r['matmul_tflops']:.0f})"
-                )
+        print_device_table(rows)
     full_rows = [{k: v for k, v in r.items()} for r in rows]
     keys = sorted({k for r in full_rows for k in r})
     path = append_csv(args.csv, [{k: r.get(k, "") for k in keys} for r in full_rows])

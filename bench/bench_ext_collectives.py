@@ -6,7 +6,7 @@ A training step of the distributed loss moves two feature tensors (image and tex
 all-gather forward, reduce-scatter of their gradients backward, or one ring step. Providers:
 
 - ``separate``: one torch.distributed call per tensor (what a loss issues today);
-- ``coalesced-python``: m2kernels.distributed.coalesced through torch.distributed (one flat buffer);
+- ``coalesced-python``: m2kernels.distributed.collectives through torch.distributed (one flat buffer);
 - ``coalesced-ext``: the same through the compiled torch.ops.m2kernels ops (when built).
 
 Every call is timed on rank 0 between barriers; the table shows the median and the 20/80 % quantiles
@@ -61,7 +61,7 @@ def _separate(op: str, tensors, group):
 
 
 def _coalesced(op: str, tensors, group, use_ext: bool):
-    from m2kernels.distributed import coalesced as co
+    from m2kernels.distributed import collectives as co
 
     fn = {"all_gather": co.all_gather_coalesced, "reduce_scatter": co.reduce_scatter_coalesced,
           "ring": co.ring_exchange}[op]

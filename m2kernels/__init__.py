@@ -2,11 +2,17 @@
 
     from m2kernels import ClipLoss          # instead of: from open_clip.loss import ClipLoss
     loss = ClipLoss()(image_features, text_features, logit_scale)
+
+Layers, each importing only those below it: ``ops`` (Triton kernels, their torch twins, the block
+primitives and custom ops) -> ``distributed`` (collectives, topology, the distributed modes) ->
+``functional`` (validation, routing) -> ``modules`` (``ClipLoss``). ``reference`` holds the dense
+float64 definitions tests and benchmarks compare against; ``gradcache`` the GradCache re-forward.
 """
 
-from m2kernels.loss import ClipLoss
-from m2kernels.ops.clip_loss import clip_loss, lse_pair, softmax_grad
+from m2kernels.functional import clip_loss
+from m2kernels.gradcache import GBAAccumulator, GradCache
+from m2kernels.modules import ClipLoss
 from m2kernels.reference import clip_loss_ref
 
-__all__ = ["ClipLoss", "clip_loss", "clip_loss_ref", "lse_pair", "softmax_grad"]
-__version__ = "0.1.0"
+__all__ = ["ClipLoss", "GBAAccumulator", "GradCache", "clip_loss", "clip_loss_ref"]
+__version__ = "0.2.0"

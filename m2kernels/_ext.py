@@ -105,7 +105,8 @@ def _load_library(name: str) -> ExtensionStatus:
 
 
 def load() -> bool:
-    """Loads ``_C`` (once) and registers its autograd formulas. False means: use the Python path."""
+    """Loads ``_C`` (once). False means: use the Python path. The ops' autograd formulas are registered
+    by ``m2kernels.distributed.collectives``, which decides at import which path it uses."""
     if disabled():
         return False
     done = _status.get("_C")
@@ -115,7 +116,6 @@ def load() -> bool:
         first = "_C" not in _status
         st = _load_library("_C")
         if first and st.loaded:
-            _register_autograd()
             load_nccl()
         if not st.loaded:
             _warn_once(f"m2kernels: C++ collectives extension unavailable ({st.reason}); using the "
@@ -158,49 +158,3 @@ def status() -> dict[str, ExtensionStatus]:
                                  reason="not loaded yet" if path else "not built")
         out[name] = st
     return out
-
-
-# ---- autograd formulas of the compiled ops (registered once, after the library is loaded) ----
-
-def _by_dtype(tensors):
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
-    return groups
-
-
-def _grads_or_zeros(grads, metas):
-    out = []
-    for g, (shape, dtype, device) in zip(grads, metas):
-        out.append(torch.zeros(shape, dtype=dtype, device=device) if g is None else g)
-    return out
-
-
-def _setup_meta(ctx, inputs, output):
-    ctx.group_name = inputs[1]
-    ctx.metas = [(o.shape, o.dtype, o.device) for o in output]
-
-
-def _all_gather_backward(ctx, grads):
-    grads = _grads_or_zeros(grads, ctx.metas)
-    result = [None] * len(grads)
-    # reduce-scatter sums, so it needs one dtype per call: one call per dtype present.
-    for idxs in _by_dtype(grads).values():
-        reduced = torch.ops.m2kernels.reduce_scatter_coalesced([grads[i] for i in idxs], ctx.group_name)
-        for i, r in zip(idxs, reduced):
-            result[i] = r
-    return result, None
-
-
-def _reduce_scatter_backward(ctx, grads):
-    grads = _grads_or_zeros(grads, ctx.metas)
-    return list(torch.ops.m2kernels.all_gather_coalesced(grads, ctx.group_name)), None
-
-
-def _register_autograd() -> None:
-    torch.library.register_autograd(
-        "m2kernels::all_gather_coalesced", _all_gather_backward, setup_context=_setup_meta
-    )
-    torch.library.register_autograd(
-        "m2kernels::reduce_scatter_coalesced", _reduce_scatter_backward, setup_context=_setup_meta
-    )

@@ -19,7 +19,7 @@ def clip_loss_ref(
     label_smoothing: float = 0.0,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """Dense bidirectional CLIP loss, the definition in DESIGN.md.
+    """Dense bidirectional CLIP loss: the definition (docs/loss.md).
 
     ``S = logit_scale * X @ Y.T (+ logit_bias)``; the loss is the mean of the row-wise and the
     column-wise cross-entropy against the diagonal, with optional label smoothing as in
@@ -44,13 +44,6 @@ def clip_loss_ref(
         F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
         + F.cross_entropy(logits.T, labels, label_smoothing=label_smoothing)
     )
-
-
-def lse_pair_ref(x: torch.Tensor, y: torch.Tensor, logit_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row and column log-sum-exp of ``S = logit_scale * x @ y.T`` in float64."""
-    s = logit_scale.double() if torch.is_tensor(logit_scale) else float(logit_scale)
-    logits = s * (x.double() @ y.double().T)
-    return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
 
 
 def open_clip_loss_module():

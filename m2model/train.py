@@ -297,7 +297,7 @@ def build_loss(cfg: TrainConfig, env: Env) -> torch.nn.Module:
 
 def _make_accumulator(loss_fn, k: int):
     try:
-        from m2kernels.distributed.gba import GBAAccumulator
+        from m2kernels.distributed import GBAAccumulator
     except ImportError:
         return None
     return GBAAccumulator(loss_fn, accum_steps=k)
@@ -454,7 +454,7 @@ def _train(cfg, env, on_step, ImageTextLoader, load_records, get_tokenizer) -> d
     loss_fn = build_loss(cfg, env)
     accumulator = _make_accumulator(loss_fn, k) if k > 1 else None
     if k > 1 and accumulator is None:
-        raise ValueError("accum_steps > 1 needs m2kernels.distributed.gba.GBAAccumulator, which this "
+        raise ValueError("accum_steps > 1 needs m2kernels.distributed.GBAAccumulator, which this "
                          "installation lacks; use accum_steps=1")
 
     # torch RNG drives dropout; seeded per rank so ranks differ, restored exactly on resume

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from m2kernels import ClipLoss, clip_loss, clip_loss_ref
-from m2kernels.ops.clip_loss import HAS_TRITON
+from m2kernels.ops import tiling
+from m2kernels.ops.tiling import HAS_TRITON
 from m2kernels.reference import open_clip_loss_module
 
 # dtype -> (factor, atol relative to max |reference|)
@@ -21,6 +22,13 @@ TOLERANCE = {
 }
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """32 x 32 tiles under the interpreter: small batches then span many tiles (merging of the
+    partial log-sum-exps, tiles that hold part of the diagonal, the grouped tile order)."""
+    monkeypatch.setattr(tiling, "INTERPRETER_CONFIG", dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=32, GROUP_M=2))
 
 
 def make_inputs(b, d, dtype=torch.float32, seed=0, normalize=True, scale=14.0):
@@ -69,6 +77,7 @@ def assert_close_rule(ours, plain, ref, dtype, what, magnitudes):
 
 
 def check(backend, b, d, dtype=torch.float32, chunk=None, eps=0.0, bias=True, seed=0, **kw):
+    kw.setdefault("store_logits", False)
     x, y, s, t = make_inputs(b, d, dtype, seed=seed)
     t = t if bias else None
     upstream = torch.randn((), generator=torch.Generator().manual_seed(seed + 1)).double() + 1.5
@@ -115,7 +124,7 @@ def check(backend, b, d, dtype=torch.float32, chunk=None, eps=0.0, bias=True, se
 @pytest.mark.parametrize("d", [1, 17, 64, 257, 512])
 def test_torch_backend_shapes(b, d):
     chunk = max(1, b // 3 + 1)  # does not divide the batch
-    check("torch", b, d, chunk=chunk)
+    check("torch", b, d, chunk=chunk, store_logits=bool(d % 2))  # both backward paths
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -130,24 +139,49 @@ def test_torch_backend_half(dtype, b, d):
 
 
 @needs_triton
+@pytest.mark.parametrize("store", [False, True])
 @pytest.mark.parametrize("b,d", [(1, 1), (2, 17), (3, 64), (127, 257), (300, 512), (1000, 17), (129, 1)])
-def test_triton_backend_shapes(b, d):
-    check("triton", b, d)
+def test_triton_backend_shapes(b, d, store):
+    check("triton", b, d, store_logits=store)
+
+
+@needs_triton
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("b,d,chunk", [(33, 40, None), (100, 64, 37), (161, 17, 64)])
+def test_triton_many_tiles(small_tiles, b, d, chunk, store):
+    check("triton", b, d, chunk=chunk, store_logits=store, eps=0.1 if b == 100 else 0.0)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,d", [(3, 17), (300, 64)])
 def test_triton_backend_half(dtype, b, d):
-    check("triton", b, d, dtype=dtype)
+    check("triton", b, d, dtype=dtype, store_logits=False)
 
 
 @needs_triton
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_triton_deterministic_flag(deterministic):
-    ours, _ = check("triton", 200, 33, deterministic=deterministic)
-    if deterministic:  # bitwise reproducible
-        again, _ = check("triton", 200, 33, deterministic=True)
+def test_triton_fp16_native_at_2048_no_underflow():
+    """fp16 runs natively under the interpreter (no upcast): G is stored in fp16, whose entries at
+    B = 2048 (~1/B times the upstream gradient) would flush to zero without the storage scale."""
+    from m2kernels.ops.clip_kernels import _common
+
+    x, y, s, _ = make_inputs(2048, 16, torch.float16, seed=4)
+    assert _common(x, y)["UPCAST"] is False  # only bf16 is upcast under the interpreter
+    ours = loss_and_grads(lambda x, y, s, t: clip_loss(x, y, s, backend="triton", store_logits=False),
+                          x, y, s, None, torch.tensor(1.0))
+    plain = loss_and_grads(lambda x, y, s, t: clip_loss_ref(x, y, s, upcast=False), x, y, s, None,
+                           torch.tensor(1.0, dtype=torch.float16))
+    ref = loss_and_grads(lambda x, y, s, t: clip_loss_ref(x, y, s), x, y, s, None, torch.tensor(1.0).double())
+    assert_close_rule(ours, plain, ref, torch.float16, "fp16 B=2048", term_magnitudes(x, y, s, 1.0))
+    # no gradient row may vanish (underflow would zero the small entries of G first)
+    assert (ours[1].float().norm(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_backward_is_deterministic(backend):
+    for store in (False, True):
+        ours, _ = check(backend, 200, 33, store_logits=store)
+        again, _ = check(backend, 200, 33, store_logits=store)
         for a, b in zip(ours, again):
             assert torch.equal(a, b)
 
@@ -279,13 +313,13 @@ def test_gradient_check_catches_a_wrong_gradient(monkeypatch):
     """The comparison machinery must fail on a kernel whose backward is off by a little."""
     from m2kernels.ops import clip_loss as mod
 
-    real = mod.softmax_grad
+    real = mod.grad_block
 
     def wrong(*args, **kwargs):
-        gy, gx = real(*args, **kwargs)
-        return gy * 1.001, gx
+        gy, gx, ds = real(*args, **kwargs)
+        return gy * 1.001, gx, ds
 
-    monkeypatch.setattr(mod, "softmax_grad", wrong)
+    monkeypatch.setattr(mod, "grad_block", wrong)
     with pytest.raises(AssertionError, match="d_image"):
         check("torch", 64, 16)
 
@@ -336,7 +370,7 @@ def test_non_finite_propagates_or_raises(where, backend):
         (lambda x, y, s: (x, y[:, :-1], s), ValueError, "feature sizes differ"),
         (lambda x, y, s: (x[:0], y[:0], s), ValueError, "empty batch"),
         (lambda x, y, s: (x, y.double(), s), TypeError, "same dtype"),
-        (lambda x, y, s: (x.long(), y.long(), s), TypeError, "floating-point"),
+        (lambda x, y, s: (x.long(), y.long(), s), TypeError, "float32, float16, bfloat16 or float64"),
         (lambda x, y, s: (x.numpy(), y, s), TypeError, "torch.Tensor"),
         (lambda x, y, s: (x, y, torch.ones(2)), ValueError, "scalar"),
         (lambda x, y, s: (x, y, torch.tensor(3)), TypeError, "floating-point"),
@@ -360,6 +394,11 @@ def test_bad_input_errors(make, exc, match):
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(chunk_size=0), ValueError, "chunk_size"),
         (dict(chunk_size=2.5), ValueError, "chunk_size"),
+        (dict(memory_budget=0), ValueError, "memory_budget"),
+        (dict(store_logits="yes"), ValueError, "store_logits"),
+        (dict(label_smoothing=float("nan")), ValueError, "label_smoothing"),
+        (dict(group_size=2), ValueError, "need a distributed mode"),
+        (dict(world_size=2, rank=1), ValueError, "need a distributed mode"),
     ],
 )
 def test_bad_options(kwargs, exc, match):
@@ -390,6 +429,102 @@ def test_triton_rejects_float64():
 
 
 def test_auto_backend_on_cpu_is_torch():
-    from m2kernels.ops.clip_loss import resolve_backend
+    assert tiling.resolve_backend("auto", torch.device("cpu")) == "torch"
 
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+# ---------------------------------------------------------------------------------------------
+# what a real trainer and real data do: autocast, TF32 settings, huge logits, compile, pass counts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_autocast_does_not_change_the_loss(backend):
+    """open_clip_train calls the loss inside autocast: it must still accumulate in fp32."""
+    x, y, s, t = make_inputs(130, 40, seed=8)
+    fn = lambda x, y, s, t: clip_loss(x, y, s, t, backend=backend, label_smoothing=0.1)
+    plain = loss_and_grads(fn, x, y, s, t, torch.tensor(1.3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = loss_and_grads(fn, x, y, s, t, torch.tensor(1.3))
+    for a, b in zip(plain, under):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_tf32_set_through_the_new_api(monkeypatch):
+    """Reading the legacy allow_tf32 flag raises once the new API was used; the kernels read the new."""
+    old = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        assert tiling.matmul_precision(torch.float32) == "tf32"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+        assert tiling.matmul_precision(torch.float32) == "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        check("triton", 70, 16)  # runs (the interpreter computes tf32 dots in fp32)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("magnitude", [1e3, 1e6, 1e8])
+def test_large_logits_against_float64(backend, magnitude):
+    """Unnormalised features: |S| up to ~1e8. The diagonal comes from the same fp32 tile as the
+    log-sum-exp, so r_i - S_ii cancels exactly where dense fp32 cross-entropy does."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(96, 24, generator=g, dtype=torch.float64)
+    y = x + 0.1 * torch.randn(96, 24, generator=g, dtype=torch.float64)
+    x, y = (v * (magnitude / 24) ** 0.5 for v in (x, y))
+    x, y = x.float(), y.float()
+    s = torch.tensor(1.0)
+    for store in (False, True):
+        ours = loss_and_grads(lambda x, y, s, t, store=store: clip_loss(x, y, s, backend=backend,
+                                                                         store_logits=store),
+                              x, y, s, None, torch.tensor(1.0))
+        plain = loss_and_grads(lambda x, y, s, t: clip_loss_ref(x, y, s, upcast=False), x, y, s, None,
+                               torch.tensor(1.0))
+        ref = loss_and_grads(lambda x, y, s, t: clip_loss_ref(x, y, s), x, y, s, None,
+                             torch.tensor(1.0).double())
+        assert ours[0] >= 0, f"negative loss {ours[0]}"
+        assert_close_rule(ours, plain, ref, torch.float32, f"|S|~{magnitude:g}",
+                          term_magnitudes(x, y, s, 1.0))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_pass_counts(backend):
+    """Forward 1 pass over S; backward 3 (recompute G, G Y, G^T X), or 2 with the kept dot products."""
+    x, y, s, _ = make_inputs(200, 32)
+    for store, backward_passes in ((False, 3), (True, 2)):
+        xx = x.clone().requires_grad_(True)
+        with tiling.PassCounter() as fwd:
+            loss = clip_loss(xx, y, s, backend=backend, store_logits=store, chunk_size=64)
+        with tiling.PassCounter() as bwd:
+            loss.backward()
+        assert fwd.passes(200, 200) == 1
+        assert bwd.passes(200, 200) == backward_passes
+
+
+def test_store_logits_auto_follows_the_budget():
+    from m2kernels.validation import keep_logits
+
+    assert keep_logits("auto", 1000, 1000, 4_000_000) and not keep_logits("auto", 1000, 1000, 3_999_999)
+    assert keep_logits(True, 10**6, 10**6, 1) and not keep_logits(False, 2, 2, 10**9)
+    x, y, s, _ = make_inputs(100, 8)
+    xx = x.clone().requires_grad_(True)
+    with tiling.PassCounter() as bwd:
+        loss = clip_loss(xx, y, s, backend="torch", memory_budget=4 * 100 * 100 - 1)
+        loss.backward()
+    assert bwd.passes(100, 100) == 4  # did not fit: recomputed
+
+
+def test_torch_compile_dynamic_with_smoothing_and_check_finite():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, y, s, eps: clip_loss(x, y, s, backend="torch", label_smoothing=eps,
+                                                      check_finite=True),
+                       fullgraph=True, dynamic=True, backend="aot_eager")
+    for b, eps in ((16, 0.1), (23, 0.2)):
+        x, y, s, _ = make_inputs(b, 8)
+        torch.testing.assert_close(fn(x, y, s, eps).double(), clip_loss_ref(x, y, s, label_smoothing=eps),
+                                   rtol=1e-5, atol=1e-6)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fn(x, y, s, 0.1)

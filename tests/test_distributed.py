@@ -28,6 +28,7 @@ from m2kernels.distributed import (
     subgroups_from_rank_lists,
 )
 from m2kernels.distributed import collectives as C
+from m2kernels.ops.tiling import PassCounter
 from tests.dist_utils import make_batch, shares_ref, spawn
 
 pytestmark = pytest.mark.distributed
@@ -192,17 +193,39 @@ def _world2(rank, world):
     _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="ring"), TypeError, "dtypes differ")
     x = torch.randn(4, 8, dtype=f64)
     bad = x[None] if rank == 1 else x
-    _expect_error_everywhere(lambda: clip_loss(bad, x, 10.0, mode="global"), ValueError, "bad ranks: \\[1\\]")
-    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0 + rank, mode="global"), ValueError,
-                             "logit_scale differs")
+    _expect_error_everywhere(lambda: clip_loss(bad, x, 10.0, mode="global"), ValueError,
+                             "on rank \\[1\\]: rank 1: ValueError: image_features must be 2-D")
+    # the bad rank's TypeError stays a TypeError, on every rank, naming the rank and the problem
+    ints = x.long() if rank == 1 else x
+    _expect_error_everywhere(lambda: clip_loss(ints, ints, 10.0, mode="ring"), TypeError,
+                             "rank 1: TypeError: image_features must be float32")
+    nan = x.clone()
+    if rank == 0:
+        nan[1, 1] = float("nan")
+    _expect_error_everywhere(lambda: clip_loss(nan, x, 10.0, mode="global", check_finite=True), ValueError,
+                             "rank 0: ValueError: image_features contains NaN")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="global", label_smoothing=0.1 + rank),
+                             ValueError, "rank 1: ValueError: label_smoothing must be in")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="global",
+                                               backend="cuda" if rank else "torch"),
+                             ValueError, "rank 1: ValueError: backend must be one of")
+    _expect_error_everywhere(lambda: clip_loss(x, x[:3] if rank else x, 10.0, mode="global"), ValueError,
+                             "rank 1: ValueError: batch sizes differ")
+    _expect_error_everywhere(lambda: clip_loss(x, x, 10.0 + rank, mode="global", check_finite=True),
+                             ValueError, "logit_scale differs")
     empty = torch.zeros(0, 8, dtype=f64)
     _expect_error_everywhere(lambda: clip_loss(empty, empty, 10.0, mode="global"), ValueError, "empty")
     with pytest.raises(ValueError, match="mode must be one of"):
         clip_loss(x, x, 10.0, mode="nope")
-    with pytest.raises(ValueError, match="does not match the process group"):
-        ClipLoss(rank=rank, world_size=3)(x, x, 10.0)
+    _expect_error_everywhere(lambda: ClipLoss(rank=rank, world_size=3)(x, x, 10.0), ValueError,
+                             "rank=0, world_size=3 do not match the process group")
+    # a wrong rank/world_size on one rank only: every rank raises (none waits in a collective)
+    for make in (lambda: ClipLoss(rank=rank, world_size=2 if rank == 0 else 3, local_loss=True),
+                 lambda: ClipLoss(rank=0, world_size=2, mode="global")):
+        _expect_error_everywhere(lambda make=make: make()(x, x, 10.0), ValueError,
+                                 "rank \\[1\\]: rank 1: .*do not match")
     _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 if rank == 0 else 3),
-                             ValueError, "bad ranks: \\[1\\]")
+                             ValueError, "on rank \\[1\\]: rank 1: ValueError: group_size=3 does not divide")
     _expect_error_everywhere(lambda: clip_loss(x, x, 10.0, mode="grouped", group_size=1 + rank), ValueError,
                              "disagree on \\(mode, group_size\\)")
     # no-grad calls give the same share
@@ -296,20 +319,27 @@ def _world4(rank, world):
         assert fwd.received == pytest.approx(expect["forward"]["received"]), (mode, n)
         assert bwd.sent == pytest.approx(expect["backward"]["sent"]), (mode, n, bwd.calls)
 
-    # through m2kernels.distributed.coalesced (the default) or straight to torch.distributed: identical
+    # passes over this rank's b x B logits: forward 1; backward 3, or 2 with the kept dot products
     x_all, y_all, s, offs = make_batch([6, 3, 5, 4], 8, seed=9)
-    outs = []
-    for route in (True, False):
-        with C.route_through_coalesced(route):
+    results = {}
+    for mode, n, span in (("global", None, 18), ("ring", None, 18), ("hierarchical", 2, 18),
+                          ("grouped", 2, 9 if rank < 2 else 9)):
+        for store in (False, True):
             x = x_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
             y = y_all[offs[rank]:offs[rank + 1]].float().requires_grad_(True)
             scale = s.float().requires_grad_(True)
-            loss = clip_loss(x, y, scale, mode="hierarchical", group_size=2, label_smoothing=0.1,
-                             backend="torch")
-            (loss * (rank + 1)).backward()
-            outs.append((loss.detach(), x.grad, y.grad, scale.grad))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+            with PassCounter() as fwd:
+                loss = clip_loss(x, y, scale, mode=mode, group_size=n, label_smoothing=0.1, backend="torch",
+                                 store_logits=store)
+            with PassCounter() as bwd:
+                (loss * (rank + 1)).backward()
+            b = x.shape[0]
+            assert fwd.passes(b, span) == 1, (mode, store, fwd.calls)
+            assert bwd.passes(b, span) == (2 if store else 3), (mode, store, bwd.calls)
+            results[mode, store] = (loss.detach(), x.grad, y.grad, scale.grad)
+    for mode in ("global", "ring", "hierarchical", "grouped"):
+        for a, b in zip(results[mode, False], results[mode, True]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     # differentiable collectives: backward runs the other way
     x = torch.full((2, 3), float(rank), dtype=torch.float64, requires_grad=True)
@@ -342,10 +372,11 @@ def test_modes_against_reference(world):
 
 def test_comm_bytes_formulas():
     # closed forms (bytes, fp32, b=8 rows, D=64, W=4): the features dominate
+    # (the log-sum-exps travel in float64)
     g = comm_bytes("global", 8, 64, 4)
-    assert g["forward"]["sent"] == 3 * 8 * 8 + 3 * 8 * 64 * 4 + 4 * 3 * 8 * 4
+    assert g["forward"]["sent"] == 3 * 8 * 8 + 3 * 8 * 64 * 4 + 4 * 3 * 8 * 8
     r = comm_bytes("ring", 8, 64, 4)
-    assert r["forward"]["sent"] == 3 * 8 * 8 + 3 * 8 * 64 * 4 + 4 * 8 * 4
+    assert r["forward"]["sent"] == 3 * 8 * 8 + 3 * 8 * 64 * 4 + 4 * 8 * 8
     assert comm_bytes("hierarchical", 8, 64, 4, group_size=4) == g
     assert comm_bytes("hierarchical", 8, 64, 4, group_size=1) == r
     assert comm_bytes("grouped", 8, 64, 4, group_size=2)["backward"]["sent"] == 4 + 8 * 64 * 4

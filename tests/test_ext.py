@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from m2kernels import _ext
-from m2kernels.distributed import coalesced as co
+from m2kernels.distributed import collectives as co
 
 EXT_EXPECTED = os.environ.get("M2_BUILD_EXT", "auto").strip().lower() not in ("0", "false", "no", "off")
 
@@ -66,10 +66,17 @@ def test_library_built_for_other_torch_is_refused(monkeypatch, tmp_path):
     assert not st.loaded and st.matches_torch is False
 
 
-def test_disable_env_forces_python_path(monkeypatch):
-    monkeypatch.setenv("M2_DISABLE_EXT", "1")
-    assert co.using_extension() is False
-    assert _ext.load() is False
+def test_disable_env_forces_python_path():
+    """The choice is made once, at import: a process started with M2_DISABLE_EXT=1 uses Python."""
+    import subprocess
+    import sys
+
+    code = ("from m2kernels.distributed import collectives as co; from m2kernels import _ext; "
+            "assert co.USE_EXTENSION is False and co.using_extension() is False and _ext.load() is False; "
+            "print('python path')")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, M2_DISABLE_EXT="1"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "python path" in out.stdout, out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------

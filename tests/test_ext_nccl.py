@@ -87,7 +87,7 @@ def test_info_reports_versions_and_extensions():
 def test_nccl_native_matches_c10d_on_gpu():
     """World size 1 NCCL group on one GPU: native kernels == Python path (shapes, dtypes, values)."""
     assert _ext.load() and _ext.load_nccl(), _ext.status()
-    from m2kernels.distributed import coalesced as co
+    from m2kernels.distributed import collectives as co
 
     fd, path = tempfile.mkstemp(prefix="m2nccl_")
     os.close(fd)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from m2kernels import ClipLoss, clip_loss_ref
-from m2kernels.distributed.gba import GBAAccumulator
+from m2kernels.distributed import GBAAccumulator
 
 D_IMG, D_TXT, D_EMB = 6, 5, 8
 
@@ -315,14 +315,14 @@ def test_wrong_forward_structure():
         (lambda: (img, txt, s, None, None), TypeError, "length 5"),
         (lambda: {"image_features": img, "text_features": txt}, TypeError,
          r"without the key\(s\) \['logit_scale'\]"),
-        (lambda: (img.numpy(), txt, s), TypeError, "image_features of type ndarray"),
-        (lambda: (img, txt.long(), s), TypeError, "text_features of dtype torch.int64"),
-        (lambda: (img[0], txt, s), ValueError, "expected 2-D"),
-        (lambda: (img, txt[:2], s), ValueError, "same shape"),
-        (lambda: (img[:0], txt[:0], s), ValueError, "empty micro-batch"),
+        (lambda: (img.numpy(), txt, s), TypeError, "invalid outputs: image_features must be a torch.Tensor"),
+        (lambda: (img, txt.long(), s), TypeError, "text_features must be float32, .* got torch.int64"),
+        (lambda: (img[0], txt, s), ValueError, "image_features must be 2-D"),
+        (lambda: (img, txt[:2], s), ValueError, "batch sizes differ"),
+        (lambda: (img[:0], txt[:0], s), ValueError, "empty batch"),
         (lambda: (img, txt, None), TypeError, "logit_scale=None"),
-        (lambda: (img, txt, "s"), TypeError, "logit_scale of type str"),
-        (lambda: (img, txt, torch.ones(2)), TypeError, "floating-point scalar"),
+        (lambda: (img, txt, "s"), TypeError, "logit_scale must be a tensor or a Python number, got str"),
+        (lambda: (img, txt, torch.ones(2)), ValueError, "logit_scale must be a scalar"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):

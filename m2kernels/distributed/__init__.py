@@ -5,20 +5,20 @@ Modes (``distributed_clip_loss(..., mode=)``, also ``m2kernels.clip_loss(..., mo
 ``grouped`` (the loss of each sub-group of consecutive ranks). See docs/distributed.md.
 """
 
+from m2kernels.distributed.clip_loss import MODES, comm_bytes, distributed_clip_loss, open_clip_loss
 from m2kernels.distributed.collectives import (
     CommCounter,
-    all_gather,
+    all_gather_coalesced,
     all_gather_with_grad,
     all_reduce,
     all_reduce_with_grad,
-    reduce_scatter,
+    mean_grad,
+    reduce_scatter_coalesced,
     reduce_scatter_with_grad,
     ring_exchange,
     ring_exchange_async,
     ring_shift,
 )
-from m2kernels.distributed.gba import GBAAccumulator
-from m2kernels.distributed.loss import MODES, comm_bytes, distributed_clip_loss, open_clip_loss
 from m2kernels.distributed.topology import (
     SubGroups,
     consecutive_subgroups,
@@ -28,11 +28,12 @@ from m2kernels.distributed.topology import (
     node_subgroups,
     subgroups_from_rank_lists,
 )
+from m2kernels.gradcache import GBAAccumulator, GradCache
 
 __all__ = [
-    "MODES", "CommCounter", "GBAAccumulator", "SubGroups", "all_gather", "all_gather_with_grad", "all_reduce",
-    "all_reduce_with_grad", "comm_bytes", "consecutive_subgroups", "distributed_clip_loss",
-    "group_from_ranks", "mesh_dim_group", "node_local_size", "node_subgroups", "open_clip_loss",
-    "reduce_scatter", "reduce_scatter_with_grad", "ring_exchange", "ring_exchange_async", "ring_shift",
-    "subgroups_from_rank_lists",
+    "MODES", "CommCounter", "GBAAccumulator", "GradCache", "SubGroups", "all_gather_coalesced",
+    "all_gather_with_grad", "all_reduce", "all_reduce_with_grad", "comm_bytes", "consecutive_subgroups",
+    "distributed_clip_loss", "group_from_ranks", "mean_grad", "mesh_dim_group", "node_local_size",
+    "node_subgroups", "open_clip_loss", "reduce_scatter_coalesced", "reduce_scatter_with_grad",
+    "ring_exchange", "ring_exchange_async", "ring_shift", "subgroups_from_rank_lists",
 ]

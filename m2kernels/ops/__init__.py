@@ -1,1 +1,2 @@
-"""One module per op: Triton kernels, their launchers, the torch fallback and the autograd glue."""
+"""The ops: Triton kernels and launchers (`*_kernels.py`), their torch twins (`*_torch.py`), the block
+primitives and custom ops (`clip_loss.py`), and what they share (`tiling.py`)."""

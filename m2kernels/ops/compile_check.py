@@ -1,122 +1,168 @@
-"""Compile every Triton kernel configuration for a CUDA target without a GPU.
+"""Compile every Triton kernel configuration for a CUDA target without a GPU, as a real launch would.
 
-    python -m m2kernels.ops.compile_check --cc 80 90 [--json]
+    python -m m2kernels.ops.compile_check [--cc 80 90] [--json] [--jobs 2]
 
-For each kernel, input dtype, block configuration and compute capability it runs
-``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` through to a cubin (ptxas ships with
-triton) and reports the shared memory the kernel needs against the chip's opt-in limit. It must run
-without TRITON_INTERPRET (under the interpreter the kernels are not compiled).
+Each kernel is specialised the way a launch at a real size specialises it: the arguments of a
+representative call (B = 65536 columns, a chunk of 8192 rows, D = 1024) go through Triton's own binder,
+so pointers carry their 16-byte divisibility, integers their divisibility by 16 and their i32/i64 type.
+Then ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` runs through to a cubin, and ptxas
+(shipped with Triton) reports registers and spills. One JSON object per kernel, dtype, configuration
+and target (``--json``: one per line) with the keys kernel, target, dtype, config, shared (bytes),
+shared_limit, registers, spill_bytes, mma (wgmma / mma.sync / none), atomics, specialized (true).
+The exit status is 1 when any case fails to compile or needs more shared memory than the chip has.
+It must run without TRITON_INTERPRET (the interpreter compiles nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
+import re
+import subprocess
 import sys
-import time
+import tempfile
 
 import torch
 
 # Largest dynamic shared memory a block may opt into, in bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
-# (name, input dtype, PRECISION constexpr): the variants the launchers pick on a GPU.
-DTYPES = [
-    ("bf16", torch.bfloat16, "tf32"),
-    ("fp16", torch.float16, "tf32"),
-    ("fp32", torch.float32, "ieee"),
-    ("fp32-tf32", torch.float32, "tf32"),
-]
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+# (input dtype, matmul precision for fp32): the variants the launchers pick on a GPU.
+DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"), "fp32": (torch.float32, "ieee"),
+          "fp32-tf32": (torch.float32, "tf32")}
+
+# Kernel variants: (kernel, constexpr switches). The defaults for every dtype; the fast path (kept dot
+# products: the backward kernel then has no matmul) for the 16-bit dtypes.
+VARIANTS = {
+    "lse": ("lse", dict(HAS_DIAG=True, STORE_DOTS=False)),
+    "grad": ("grad", dict(HAS_DIAG=True, HAS_SMOOTHING=True, LOAD_DOTS=False)),
+    "lse-store": ("lse", dict(HAS_DIAG=True, STORE_DOTS=True)),
+    "grad-load": ("grad", dict(HAS_DIAG=True, HAS_SMOOTHING=True, LOAD_DOTS=True)),
+}
+_DEFAULT = ("lse", "grad")
+
+M_CHUNK, N_COLS, DIM = 8192, 65536, 1024
 
 
-def _signature(kernel: str, ptr: str) -> dict:
-    if kernel == "lse":
-        names, types = ["Q", "K", "SCALE", "LSE"], [ptr, ptr, "*fp32", "*fp32"]
-        scalars = ["M", "N", "D", "stride_qm", "stride_kn"]
-        consts = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "PRECISION"]
-    else:
-        names = ["X", "Y", "SCALE", "R", "C", "A", "Bw", "DX", "DY"]
-        types = [ptr, ptr] + ["*fp32"] * 7
-        scalars = ["M", "N", "D", "stride_xm", "stride_yn"]
-        consts = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST", "PRECISION", "HAS_DY"]
-    sig = dict(zip(names, types))
-    sig.update({k: ("i64" if k.startswith("stride") else "i32") for k in scalars})
-    sig.update({k: "constexpr" for k in consts})
-    return sig
+def has_matmul(variant: str) -> bool:
+    return not VARIANTS[variant][1].get("LOAD_DOTS", False)
 
 
 def cases(ccs=(80, 90)):
-    from m2kernels.ops.clip_loss import _triton_configs
+    """(name, cc, variant, dtype name, config index) for every case compiled."""
+    from m2kernels.ops.tiling import tile_configs
 
     for cc in ccs:
-        for dname, dtype, prec in DTYPES:
-            for i, cfg in enumerate(_triton_configs(torch.empty((), dtype=dtype).element_size())):
-                for kernel, has_dy in (("lse", None), ("grad", True), ("grad", False)):
-                    name = f"sm{cc}-{kernel}{'-dy' if has_dy else ''}-{dname}-cfg{i}"
-                    yield name, cc, kernel, dtype, prec, cfg, has_dy
+        for dname, (dtype, _) in DTYPES.items():
+            variants = _DEFAULT if dtype == torch.float32 else tuple(VARIANTS)
+            for variant in variants:
+                for i, _cfg in enumerate(tile_configs(torch.empty((), dtype=dtype).element_size())):
+                    yield f"sm{cc}-{variant}-{dname}-cfg{i}", cc, variant, dname, i
 
 
-def compile_case(cc, kernel, dtype, precision, cfg, has_dy) -> dict:
+def _launch_args(kernel: str, dtype: torch.dtype, precision: str, switches: dict) -> dict:
+    """The arguments of a representative launch (small tensors: the binder reads only their dtype and
+    alignment) as the launchers in ``clip_kernels`` build them."""
+    from m2kernels.ops import clip_kernels as ck
+    from m2kernels.ops.tiling import G_STORAGE_SCALE, size_bucket
+
+    f32 = lambda: torch.empty(64, dtype=torch.float32)  # noqa: E731
+    feat = lambda: torch.empty(64, dtype=dtype)  # noqa: E731
+    common = dict(M=M_CHUNK, N=N_COLS, D=DIM, stride_x=DIM, stride_y=DIM, M_BUCKET=size_bucket(M_CHUNK),
+                  N_BUCKET=size_bucket(N_COLS), EVEN_D=True, UPCAST=False, PRECISION=precision, diag_offset=0,
+                  stride_dots=N_COLS)
+    if kernel == "lse":
+        return dict(fn=ck._clip_lse_kernel, X=feat(), Y=feat(), SCALE=f32(), ROW_MAX=f32(), ROW_SUM=f32(),
+                    COL_MAX=f32(), COL_SUM=f32(), DIAG=f32(), DOTS=f32(), **common, **switches)
+    return dict(fn=ck._clip_grad_kernel, X=feat(), Y=feat(), SCALE=f32(), R=f32(), C=f32(), A=f32(), Bw=f32(),
+                DW=f32(), U=f32(), V=f32(), G=feat(), DS_PART=f32(), DOTS=f32(), stride_g=N_COLS,
+                G_SCALE=G_STORAGE_SCALE[dtype], **common, **switches)
+
+
+def _ptxas_stats(ptx: str, cc: int) -> dict:
+    from triton.backends.nvidia import compiler as nv
+
+    path = nv.get_ptxas(cc).path
+    arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([path, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_bytes": (int(spills.group(1)) + int(spills.group(2))) if spills else None}
+
+
+def compile_case(cc: int, variant: str, dname: str, index: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
-    from m2kernels.ops import clip_loss as ops
+    from m2kernels.ops.tiling import tile_configs
 
-    fn = ops._lse_kernel if kernel == "lse" else ops._softmax_grad_kernel
-    consts = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
-    consts.update(UPCAST=False, PRECISION=precision)
-    if kernel == "grad":
-        consts["HAS_DY"] = has_dy
-    src = ASTSource(fn=fn, signature=_signature(kernel, _PTR[dtype]), constexprs=consts)
-    t0 = time.perf_counter()
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]},
-    )
+    dtype, precision = DTYPES[dname]
+    kernel, switches = VARIANTS[variant]
+    cfg = tile_configs(torch.empty((), dtype=dtype).element_size())[index]
+    args = _launch_args(kernel, dtype, precision, switches)
+    fn = args.pop("fn")
+    kwargs = dict(args, **{k: v for k, v in cfg.items() if k.isupper()}, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"], debug=False)
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    # Triton's own binder: the specialisation (types, divisibility, constants) a launch with these
+    # arguments gets.
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
     ptx = compiled.asm.get("ptx", "")
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
     return {
-        "shared": int(compiled.metadata.shared),
-        "limit": SHARED_LIMIT[cc],
-        "cubin_bytes": len(compiled.asm.get("cubin", b"")),
-        "wgmma": "wgmma" in ptx,
-        "mma": "mma" in ptx,
-        "seconds": round(time.perf_counter() - t0, 2),
+        "kernel": variant, "target": f"sm_{cc}", "dtype": dname, "config": dict(cfg),
+        "shared": int(compiled.metadata.shared), "shared_limit": SHARED_LIMIT[cc], **_ptxas_stats(ptx, cc),
+        "mma": mma, "atomics": len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.", ptx, flags=re.M)),
+        "specialized": bool(attrs), "cubin_bytes": len(compiled.asm.get("cubin", b"")),
     }
+
+
+def _run(case):
+    name, cc, variant, dname, index = case
+    try:
+        return name, compile_case(cc, variant, dname, index)
+    except Exception as exc:  # report every failure, keep going
+        return name, {"kernel": variant, "target": f"sm_{cc}", "dtype": dname, "config": index,
+                      "error": f"{type(exc).__name__}: {exc}"[:2000]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cc", type=int, nargs="+", default=[80, 90])
-    p.add_argument("--json", action="store_true", help="print one JSON object (name -> result)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel compiles")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    results, failed = {}, 0
-    for name, cc, kernel, dtype, prec, cfg, has_dy in cases(args.cc):
-        try:
-            results[name] = compile_case(cc, kernel, dtype, prec, cfg, has_dy)
-        except Exception as exc:  # report every failure, keep going
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-        r = results[name]
-        bad = "error" in r or r["shared"] > r["limit"]
-        failed += bad
-        if not args.json:
-            print(
-                f"{name:32s} "
-                + (
-                    r["error"][:200]
-                    if "error" in r
-                    else f"shared {r['shared']:>7d} / {r['limit']} B  wgmma={r['wgmma']}  {r['seconds']:.1f}s"
-                )
-                + ("  FAIL" if bad else "")
-            )
-    if args.json:
-        print(json.dumps(results))
+    failed = 0
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for name, r in pool.map(_run, list(cases(args.cc))):
+            bad = "error" in r or r["shared"] > r["shared_limit"]
+            failed += bad
+            if args.json:
+                print(json.dumps(dict(r, name=name)), flush=True)
+            elif "error" in r:
+                print(f"{name:34s} {r['error'][:200]}  FAIL")
+            else:
+                print(f"{name:34s} shared {r['shared']:>7d}/{r['shared_limit']} B  regs {r['registers']}  "
+                      f"spills {r['spill_bytes']}  {r['mma']}  atomics {r['atomics']}" + ("  FAIL" if bad else ""))
     return 1 if failed else 0
 
 

@@ -1,23 +1,25 @@
-"""GBA-ITC: grouped image-text contrastive loss with batch accumulation (a reconstruction).
+"""A gradient cache for contrastive losses: large effective batches with the memory of a micro-batch.
 
-M2-Encoder trains its contrastive (ITC) objective with "grouped ITC with batch accumulation" (GBA-ITC).
-The paper's text on it is not available to us. This module is **our reconstruction**, following the
-hooks of the official code base (features aggregated across the nodes of a sub-group,
-``aggregate_nodes``, and accumulated batches): every optimizer step is split into ``K`` micro-batches;
+``GradCache(loss_fn, accum_steps=K)`` is the GradCache technique (Gao et al., 2021, "Scaling Deep
+Contrastive Learning Batch Size under Memory Limited Setup"): every optimizer step is split into ``K``
+micro-batches;
 
 1. ``add``: each micro-batch is encoded under ``torch.no_grad()``; only its embeddings (and the inputs
    and random-number-generator states needed to encode it again) are kept;
 2. ``backward``: the ``K`` cached micro-batches are concatenated into one local batch of ``K * b`` rows,
-   the contrastive loss (for GBA-ITC: ``ClipLoss(mode="grouped", group_size=n)``, features gathered
-   inside a sub-group of ``n`` ranks) and its gradient with respect to the cached embeddings and the
-   logit scale are computed; then each micro-batch is encoded again *with* autograd, under the random
-   state it had the first time, and the cached embedding gradients are injected into it
-   (``torch.autograd.backward``). This is the GradCache technique (Gao et al., 2021) applied to the
-   grouped loss: each positive pair is contrasted against ``n * b * K`` candidates.
+   the contrastive loss and its gradient with respect to the cached embeddings and the logit scale are
+   computed; then each micro-batch is encoded again *with* autograd, under the random state it had the
+   first time, and the cached embedding gradients are injected into it (``torch.autograd.backward``).
 
 The parameter gradients equal those of the same ``loss_fn`` evaluated on the concatenated ``K * b``
 batch in one piece, exactly (up to floating-point summation order), provided the forward is
-deterministic given its inputs and random state. See docs/gba.md for what this objective is and is not.
+deterministic given its inputs and random state. Nothing here communicates: with a distributed
+``loss_fn`` the collectives are the loss's.
+
+With the grouped loss (``ClipLoss(mode="grouped", group_size=n)``) this is our reconstruction of the
+M2-Encoder paper's grouped ITC with batch accumulation (GBA-ITC): each positive pair is contrasted
+against ``n * b * K`` candidates; ``GBAAccumulator`` is that name for the same class. See docs/gba.md
+for what this objective is and is not.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["GBAAccumulator"]
+from m2kernels import validation
+
+__all__ = ["GBAAccumulator", "GradCache"]
 
 _OUTPUT_KEYS = ("image_features", "text_features", "logit_scale", "logit_bias")
 
@@ -114,34 +118,15 @@ def _unpack_outputs(out) -> tuple:
     else:
         raise TypeError("forward_fn must return a tuple (image_features, text_features, logit_scale) "
                         f"or a mapping with those keys; got {type(out).__name__}")
-    for name, t in (("image_features", img), ("text_features", txt)):
-        if not torch.is_tensor(t):
-            raise TypeError(f"forward_fn returned {name} of type {type(t).__name__}; expected a tensor")
-        if not t.is_floating_point():
-            raise TypeError(f"forward_fn returned {name} of dtype {t.dtype}; expected floating point")
-        if t.dim() != 2:
-            raise ValueError(f"forward_fn returned {name} of shape {tuple(t.shape)}; expected 2-D "
-                             "(batch, dim)")
-    if img.shape != txt.shape:
-        raise ValueError(f"forward_fn returned image_features {tuple(img.shape)} and text_features "
-                         f"{tuple(txt.shape)}; they must have the same shape (pairs matched by row)")
-    if img.dtype != txt.dtype or img.device != txt.device:
-        raise TypeError(f"forward_fn returned image_features ({img.dtype}, {img.device}) and "
-                        f"text_features ({txt.dtype}, {txt.device}); dtype and device must agree")
-    if img.shape[0] == 0:
-        raise ValueError("forward_fn returned an empty micro-batch (0 rows)")
-    for name, v in (("logit_scale", scale), ("logit_bias", bias)):
-        if v is None:
-            if name == "logit_scale":
-                raise TypeError("forward_fn returned logit_scale=None; expected a scalar tensor or number")
-            continue
-        if torch.is_tensor(v):
-            if not v.is_floating_point() or v.numel() != 1:
-                raise TypeError(f"forward_fn returned {name} with dtype {v.dtype} and shape "
-                                f"{tuple(v.shape)}; expected a floating-point scalar")
-        elif isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"forward_fn returned {name} of type {type(v).__name__}; expected a scalar "
-                            "tensor or a Python number")
+    if scale is None:
+        raise TypeError("forward_fn returned logit_scale=None; expected a scalar tensor or number")
+    try:  # the checks every loss entry point makes
+        validation.check_features(img, txt)
+        validation.check_scalar(scale, "logit_scale")
+        if bias is not None:
+            validation.check_scalar(bias, "logit_bias")
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"forward_fn returned invalid outputs: {e}") from None
     return img, txt, scale, bias
 
 
@@ -164,14 +149,14 @@ def _leaf_like(v):
     return v
 
 
-class GBAAccumulator:
-    """Batch accumulation for a contrastive loss: GBA-ITC (our reconstruction; see the module docs).
+class GradCache:
+    """A gradient cache (GradCache-style re-forward) for a contrastive loss; see the module docs.
 
-    ``acc = GBAAccumulator(loss_fn, accum_steps=K)``; for each optimizer step call
+    ``acc = GradCache(loss_fn, accum_steps=K)``; for each optimizer step call
     ``acc.add(forward_fn, *args, **kwargs)`` ``K`` times, then ``loss = acc.backward(no_sync=...)``,
     then ``optimizer.step()``::
 
-        acc = GBAAccumulator(ClipLoss(mode="grouped", group_size=n), accum_steps=K)
+        acc = GradCache(ClipLoss(mode="grouped", group_size=n), accum_steps=K)   # GBA-ITC
         for micro_batches in loader:                      # K micro-batches of b pairs
             for images, texts in micro_batches:
                 acc.add(ddp_model, images, texts)        # no graph kept, embeddings cached
@@ -252,7 +237,8 @@ class GBAAccumulator:
         if not callable(forward_fn):
             raise TypeError(f"forward_fn must be callable, got {type(forward_fn).__name__}")
         if self.ready:
-            raise RuntimeError(f"GBAAccumulator already holds accum_steps={self.accum_steps} micro-batches; "
+            raise RuntimeError(f"{type(self).__name__} already holds accum_steps={self.accum_steps} "
+                               "micro-batches; "
                                "call backward() before adding more")
         if self.clone_inputs:
             args, kwargs = _clone_tensors(args), _clone_tensors(kwargs)
@@ -378,3 +364,7 @@ class GBAAccumulator:
                     raise RuntimeError(f"re-running micro-batch {i} did not reproduce the cached {name}: max "
                                        f"abs difference {err:.3g} > recompute_atol={self.recompute_atol:g} "
                                        "(non-deterministic forward, or parameters changed since add())")
+
+
+# The M2-Encoder name for the same thing (grouped ITC with batch accumulation uses it with the grouped loss).
+GBAAccumulator = GradCache

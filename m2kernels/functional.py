@@ -1,0 +1,81 @@
+"""The functional entry points of the losses: validation once, then the local op or a distributed mode.
+
+``clip_loss`` (softmax, CLIP / ITC) routes to the single-process custom op
+(``m2kernels.ops.clip_loss``) or, with ``mode=``, to ``m2kernels.distributed.clip_loss``;
+``clip_loss_open_clip`` keeps open_clip's ``local_loss`` / ``gather_with_grad`` semantics for
+``world_size > 1``. The modules (``m2kernels.modules``) call only these.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from m2kernels import validation
+from m2kernels.distributed import clip_loss as dist_clip
+from m2kernels.ops.clip_loss import clip_loss_single
+
+MODES = dist_clip.MODES
+
+
+def _no_group_without_mode(group, group_size) -> None:
+    if group is not None or group_size is not None:
+        raise ValueError("group and group_size need a distributed mode (mode='global', 'ring', "
+                         "'hierarchical' or 'grouped')")
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
+              logit_bias: Optional[torch.Tensor] = None, *, label_smoothing: float = 0.0,
+              backend: str = "auto", chunk_size: Optional[int] = None, memory_budget: Optional[int] = None,
+              store_logits="auto", deterministic: bool = False, check_finite: bool = False,
+              mode: Optional[str] = None, group=None, group_size: Optional[int] = None,
+              rank: Optional[int] = None, world_size: Optional[int] = None) -> torch.Tensor:
+    """Exact bidirectional CLIP loss without materialising the B x B logits.
+
+    Equal to ``open_clip.loss.ClipLoss()(image_features, text_features, logit_scale, logit_bias)``:
+    ``0.5 * (CE(S, arange) + CE(S^T, arange))`` with ``S = logit_scale * X Y^T + logit_bias``;
+    ``logit_scale`` is already exponentiated. Differentiable in both feature matrices, the scale and the
+    bias (whose gradient is exactly 0: the loss is shift-invariant). Accumulates in fp32 (fp64 for
+    fp64 features) whatever the input dtype, also inside an autocast region.
+
+    ``backend``: ``"auto"`` (``"triton"`` on CUDA, ``"torch"`` elsewhere), ``"triton"``, ``"torch"``,
+    ``"reference"`` (dense float64). ``memory_budget``: bytes of temporaries (row chunks of G and S;
+    default 1 GiB); ``chunk_size`` overrides the rows per chunk. ``store_logits``: keep the fp32 dot
+    products from the forward for the backward (3 passes over S instead of 4): ``"auto"`` when they fit
+    the budget, or ``True``/``False``. ``check_finite``: raise on NaN/Inf inputs (one host
+    synchronisation). ``deterministic`` is accepted for compatibility: every backend is deterministic.
+
+    With ``mode`` (``"global"``, ``"ring"``, ``"hierarchical"``, ``"grouped"``) it is this rank's share of
+    the loss over the process group ``group`` (``group_size`` ranks per sub-group): see
+    ``m2kernels.distributed.distributed_clip_loss`` and docs/distributed.md. ``rank``/``world_size``,
+    when given, must be this rank's place in ``group`` (every rank raises otherwise).
+    """
+    if mode is not None:
+        return dist_clip.distributed_clip_loss(
+            image_features, text_features, logit_scale, logit_bias, mode=mode, group=group,
+            group_size=group_size, label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
+            memory_budget=memory_budget, store_logits=store_logits, check_finite=check_finite,
+            expected_rank=rank, expected_world_size=world_size)
+    _no_group_without_mode(group, group_size)
+    if world_size not in (None, 1) or rank not in (None, 0):
+        raise ValueError(f"rank={rank}, world_size={world_size} need a distributed mode (mode=...) or the "
+                         "open_clip semantics of ClipLoss(world_size > 1)")
+    inp = validation.loss_inputs(image_features, text_features, logit_scale, logit_bias,
+                                 label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
+                                 memory_budget=memory_budget, store_logits=store_logits)
+    m, n = inp.x.shape[0], inp.y.shape[0]
+    keep = validation.keep_logits(inp.store_logits, m, n, inp.memory_budget)
+    return clip_loss_single(inp.x, inp.y, inp.scale, inp.bias, inp.label_smoothing, inp.backend,
+                            inp.memory_budget, inp.chunk_size, keep, check_finite)
+
+
+def clip_loss_open_clip(image_features, text_features, logit_scale, logit_bias=None, *, local_loss: bool,
+                        gather_with_grad: bool, rank: int, world_size: int, group=None,
+                        **options) -> torch.Tensor:
+    """open_clip's ``ClipLoss(local_loss, gather_with_grad, rank, world_size)`` with ``world_size > 1``
+    (``m2kernels.distributed.open_clip_loss``); ``rank``/``world_size`` are checked against the
+    process group on every rank."""
+    return dist_clip.open_clip_loss(image_features, text_features, logit_scale, logit_bias,
+                                    local_loss=local_loss, gather_with_grad=gather_with_grad, group=group,
+                                    expected_rank=rank, expected_world_size=world_size, **options)
