@@ -194,7 +194,9 @@ def import_torchvision():
 # the loss factory
 
 def check_args(args) -> None:
-    """Rejects open_clip_train arguments whose loss m2kernels does not provide (:class:`UsageError`).
+    """Rejects open_clip_train arguments whose loss m2kernels does not provide: :class:`UsageError`
+    for Horovod, distillation and CoCa, :class:`IntegrationError` for ``--siglip`` without
+    ``m2kernels.SigLipLoss``.
 
     ``args`` is open_clip_train's parsed namespace (``open_clip_train.params.parse_args``)."""
     if getattr(args, "horovod", False):
