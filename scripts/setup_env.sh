@@ -25,6 +25,11 @@ if [ ! -f "$stamp" ]; then
   # Reference implementations we test and benchmark against. --no-deps: their declared
   # dependencies would pull torchvision (a CUDA build) or another torch.
   pip install -q --no-deps open-clip-torch==3.3.0 cn-clip==1.6.0 inf-cl==1.2.1
+  # What open_clip and its trainer (open_clip_train) import, for m2kernels.integrations.open_clip_train
+  # and its tests. torchvision's wheel is a CUDA build; beside the CPU torch it imports only with stub
+  # operator schemas, which the integration registers.
+  pip install -q -c constraints.txt --no-deps torchvision==0.28.0 ftfy==6.3.1 wcwidth==0.9.4 \
+    regex==2026.11.19 pandas==3.1.1
   rm -f .venv/.m2-setup-*
   touch "$stamp"
 fi
