@@ -84,7 +84,7 @@ def two_ranks(assets):
 
 def _check_types(result, stock, m2):
     assert result[stock]["loss_type"] == "open_clip.loss.ClipLoss"
-    assert result[m2]["loss_type"] == "m2kernels.loss.ClipLoss"
+    assert result[m2]["loss_type"] == "m2kernels.modules.ClipLoss"
 
 
 def test_dataset_is_learnt(one_rank):
@@ -133,7 +133,7 @@ def test_grouped_mode_is_its_own_objective(two_ranks):
     the global share of the same features (fewer negatives)."""
     for rank, result in enumerate(two_ranks):
         run = result["m2-grouped1"]
-        assert run["loss_type"] == "m2kernels.loss.ClipLoss"
+        assert run["loss_type"] == "m2kernels.modules.ClipLoss"
         assert max(_errors(run)) <= RTOL, rank
         own, share = run["references"]["grouped:1"], run["references"]["share"]
         assert all(g < s for g, s in zip(own, share)), (own, share)
@@ -220,7 +220,7 @@ def test_split_args_errors(argv, message):
 
 
 def test_modes_are_the_librarys():
-    from m2kernels.distributed.loss import MODES
+    from m2kernels.distributed import MODES
 
     assert integration.MODES == MODES
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from m2kernels.distributed import collectives as C
+from m2kernels.distributed.topology import alive
 
 _CPU_GROUPS: dict[tuple[int, ...], object] = {}
 _ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
@@ -28,10 +29,10 @@ _ERROR_TYPES = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError"
 
 def host_group(group):
     """A process group with the members of ``group`` whose collectives run on CPU tensors."""
-    if dist.get_backend(group) == "gloo":
+    if "gloo" in str(dist.get_backend(group)):  # "gloo", or e.g. "cpu:gloo,cuda:nccl"
         return group
     ranks = tuple(dist.get_process_group_ranks(group))
-    if ranks not in _CPU_GROUPS:
+    if ranks not in _CPU_GROUPS or not alive(_CPU_GROUPS[ranks]):
         _CPU_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", use_local_synchronization=True)
     return _CPU_GROUPS[ranks]
 

@@ -153,7 +153,7 @@ def _check_ranks_agree(tensors: list[torch.Tensor], group, op: str) -> None:
     if world == 1:
         return
     desc = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in tensors)
-    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else tensors[0].device
+    device = tensors[0].device  # CPU tensors over gloo, CUDA tensors over NCCL
     sig = torch.tensor([len(tensors), sum(t.numel() for t in tensors), zlib.crc32(desc.encode())],
                        dtype=torch.int64, device=device)
     everyone = torch.empty(world * 3, dtype=torch.int64, device=device)

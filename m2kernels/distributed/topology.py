@@ -19,6 +19,15 @@ import torch.distributed as dist
 _GROUP_CACHE: dict[tuple[int, ...], object] = {}
 
 
+def alive(group) -> bool:
+    """Whether a cached process group still exists (``destroy_process_group`` removes every group, and
+    a later ``init_process_group`` would make cached ones stale)."""
+    try:
+        return group in dist.distributed_c10d._world.pg_map
+    except AttributeError:  # pragma: no cover - a torch without the registry: trust the cache
+        return True
+
+
 def _require_initialized() -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group "
@@ -55,7 +64,7 @@ def group_from_ranks(ranks: Sequence[int]):
         return dist.group.WORLD
     if dist.get_rank() not in ranks:
         raise ValueError(f"rank {dist.get_rank()} is not in the rank list {list(ranks)}")
-    if ranks not in _GROUP_CACHE:
+    if ranks not in _GROUP_CACHE or not alive(_GROUP_CACHE[ranks]):
         _GROUP_CACHE[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
     return _GROUP_CACHE[ranks]
 
