@@ -72,6 +72,7 @@ class EpochPlan:
                  crop_scale=(0.8, 1.0), flip_prob: float = 0.5):
         self.records, self.block, self.epoch, self.seed = records, block, epoch, seed
         self.train, self.crop_scale, self.flip_prob = train, tuple(crop_scale), flip_prob
+        self._recent: dict[int, SamplePlan] = {}  # a position is planned twice: crop, then caption
 
     def __len__(self) -> int:
         return len(self.block)
@@ -80,6 +81,15 @@ class EpochPlan:
         return int(self.block[position % len(self.block)])
 
     def plan(self, position: int) -> SamplePlan:
+        cached = self._recent.get(position)
+        if cached is not None:
+            return cached
+        if len(self._recent) >= 8192:
+            self._recent.clear()
+        self._recent[position] = p = self._plan(position)
+        return p
+
+    def _plan(self, position: int) -> SamplePlan:
         idx = self.index(position)
         rec = self.records[idx]
         rng = sample_rng(self.seed, self.epoch, idx) if self.train else None
