@@ -28,7 +28,8 @@ def test_bert_matches_chinese_clip_reference_tokenizer(bert):
     ref = mod.FullTokenizer()
     # words of 150 and 250 characters: cn-clip gives [UNK] only past 200
     fixed = [*MIXED, "unaffable tokenization 😀 ☃", "\tTabs\nand\r\nnewlines ", "", "a" * 150, "b" * 250,
-             "x\u0000y\ufffdz", "ＡＢＣ１２３ full-width", "日本語のテキスト 한국어 текст", "\u200bzero\u00adsoft"]
+             "x\u0000y\ufffdz", "ＡＢＣ１２３ full-width", "日本語のテキスト 한국어 текст",
+             "\u200bzero\u00adsoft"]
     rng = random.Random(0)
     alphabet = [chr(c) for c in [*range(32, 0x250), *range(0x3000, 0x3040), *range(0x4E00, 0x4E80),
                                  *range(0x1F300, 0x1F340), 0x200B, 0xAD, 0xFEFF, 0xA0]]
