@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.epochs = 256, 2
-    torch.set_num_threads(1)  # the decoders use their own threads and processes
     from m2model.data import ImageTextLoader, build_index, dali_available
 
     device = torch.device(args.device)
-    env = environment(device)
+    env = environment(device)  # before the next line, so that it names the machine's threads
+    torch.set_num_threads(1)  # the decoders use their own threads and processes
     backends = ["pillow"] + (["dali"] if dali_available() else [])
     if "dali" not in backends:
         print("nvidia-dali is not installed: Pillow only")

@@ -145,8 +145,8 @@ class DaliReader:
             roi_start, roi_end, mirror = fn.external_source(source=crop_source, num_outputs=3, batch=True,
                                                             dtype=[types.FLOAT, types.FLOAT, types.INT32])
             img = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            # the crop as the resize's region of interest: measured 1.6x less CPU than decoding the
-            # crop (decoders.image_slice) and resizing it
+            # the crop as the resize's region of interest: less CPU than decoding the crop
+            # (decoders.image_slice) and resizing it, and Pillow's resize(box=...) does the same
             img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True,
                             roi_start=roi_start, roi_end=roi_end, roi_relative=False)
             return fn.crop_mirror_normalize(img, mirror=mirror, mean=[MEAN * 255.0] * 3,
