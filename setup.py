@@ -135,7 +135,8 @@ setup(
     install_requires=["torch>=2.9", "numpy", "einops", "tqdm"],
     extras_require={
         "dev": ["pytest>=8", "ruff", "triton>=3.0", "matplotlib"],
-        "train": ["nvidia-dali-cuda130", "pillow", "webdataset", "matplotlib", "sentencepiece", "pyyaml"],
+        "train": ["nvidia-dali-cuda130", "pillow", "webdataset", "braceexpand", "tokenizers", "matplotlib",
+                  "sentencepiece", "pyyaml"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -13,55 +13,34 @@ import sys
 
 import torch
 
-
-def load_trained(checkpoint: str, device: str = "cpu"):
-    """(model, tokenizer, train config) from a checkpoint written by ``m2model.train`` (or its run folder)."""
-    from m2model.tokenizers import get_tokenizer
-    from m2model.train import build_model, list_checkpoints, load_config
-
-    if os.path.isdir(checkpoint):
-        found = list_checkpoints(checkpoint)
-        if not found:
-            raise ValueError(f"no checkpoint-*.pt in {checkpoint}")
-        checkpoint = found[-1]
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if "model" not in ckpt or "config" not in ckpt:
-        raise ValueError(f"{checkpoint} is not a checkpoint written by m2model.train")
-    cfg = load_config(None, {k: v for k, v in ckpt["config"].items()})
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    tokenizer = get_tokenizer(cfg.tokenizer, context_length=model.cfg.max_text_len)
-    return model, tokenizer, cfg
+from m2model.checkpoint import load_trained
+from m2model.evaluate import encode_images, encode_texts, load_retrieval_jsonl, zero_shot_classifier
+from m2model.metrics import retrieval_metrics, topk_accuracy
 
 
 @torch.no_grad()
 def evaluate_synth(model, tokenizer, data_dir: str, batch_size: int = 128, progress: bool = False) -> dict:
-    from m2model.evaluate import (
-        evaluate_retrieval,
-        load_image,
-        load_retrieval_jsonl,
-        zero_shot_accuracy,
-        zero_shot_classifier,
-    )
-
     with open(os.path.join(data_dir, "classes.json"), encoding="utf-8") as f:
         classes = json.load(f)
-    results = {}
+    results, image_embeds = {}, None
     for lang in ("en", "zh"):
-        path = os.path.join(data_dir, f"val_{lang}.jsonl")
-        data = load_retrieval_jsonl(path)
-        retrieval = evaluate_retrieval(model, tokenizer, data, batch_size=batch_size, progress=progress)
-        with open(path, encoding="utf-8") as f:
-            labels = torch.tensor([json.loads(line)["label"] for line in f if line.strip()])
-        images = torch.stack([load_image(p, model.cfg.image_size) for p in data.images])
+        data = load_retrieval_jsonl(os.path.join(data_dir, f"val_{lang}.jsonl"))
+        if image_embeds is None:  # both languages describe the same held-out images: encode them once
+            image_embeds, ok = encode_images(model, data.records, batch_size, progress=progress)
+        keep_text = ok[torch.tensor(data.text_image)]
+        texts = [t for t, k in zip(data.texts, keep_text.tolist()) if k]
+        rel = data.relevance()[ok][:, keep_text]
+        text_embeds = encode_texts(model, tokenizer, texts, progress=progress)
+        retrieval = retrieval_metrics(image_embeds, text_embeds, rel)
+        retrieval["skipped_images"] = int((~ok).sum())
         classifier = zero_shot_classifier(model, tokenizer, classes[lang]["classnames"],
                                           classes[lang]["templates"], progress=progress)
-        batches = list(zip(images.split(batch_size), labels.split(batch_size)))
-        acc = zero_shot_accuracy(model, classifier, batches, ks=(1, 5), progress=progress)
+        labels = torch.tensor([r.label for r in data.records])[ok]
+        acc = topk_accuracy(image_embeds @ classifier, labels, (1, 5))
+        acc["num_images"] = len(labels)
         # R@1 of random scores: a query's chance to rank one of its relevant candidates first (captions
         # with the same text as an image's caption count as relevant to it, as in the official evaluation)
-        rel = data.relevance().float()
+        rel = rel.float()
         chance = {"i2t": 100.0 * (rel.sum(1) / rel.shape[1]).mean().item(),
                   "t2i": 100.0 * (rel.sum(0) / rel.shape[0]).mean().item()}
         results[lang] = {"classification": acc, "retrieval": retrieval,

@@ -11,8 +11,11 @@ Command line::
         [--tokenizer sp.model] [--batch-size 64] [--device cuda] [--precision bf16] [--ties pessimistic]
     python -m m2model.evaluate classify --data VAL_DIR_OR_JSONL --classes imagenet-zh --checkpoint CKPT ...
 
-Images are read with Pillow, converted to RGB, resized to ``image_size`` x ``image_size`` (bicubic, no crop,
-as the official ``square_transform``) and normalised with mean = std = 0.5.
+Images and captions go through the record index and the sample path that training uses
+(``m2model.data``): jsonl lines read by the same parser (a line that cannot be read is an error naming
+the file and line), images decoded with Pillow in DataLoader workers, converted to RGB by the same rules,
+resized to ``image_size`` x ``image_size`` (bicubic, no crop, as the official ``square_transform``) and
+normalised with mean = std = 0.5.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import importlib
 import importlib.util
 import json
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +32,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import M2Config, get_config
+from .checkpoint import load_model
+from .data import (
+    DataStats,
+    Record,
+    decode_transform,
+    eval_batches,
+    probe_image,
+    read_image_folder,
+    read_jsonl,
+)
+from .data.decode import BadSample
+from .data.transforms import normalize_uint8
 from .metrics import TIE_MODES, retrieval_metrics, topk_accuracy
+from .progress import progress_bar
 from .tokenizers import Tokenizer, get_tokenizer
 
 __all__ = [
@@ -55,34 +69,20 @@ __all__ = [
 
 
 def load_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
-    """[3, S, S] float tensor in [-1, 1]; ValueError naming the file when it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
+    """[3, S, S] float tensor in [-1, 1] (the evaluation transform); ValueError naming the file when it
+    cannot be decoded."""
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from e
-    x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(image_size, image_size, 3)
-    return (x.permute(2, 0, 1).float() / 255.0 - 0.5) / 0.5
+        _, _, w, h = probe_image(data)
+        arr = decode_transform(data, image_size, (0, 0, w, h), False)
+    except BadSample as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from None
+    return normalize_uint8(torch.from_numpy(arr)[None])[0]
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths, image_size, skip_bad):
-        self.paths, self.image_size, self.skip_bad = list(paths), image_size, skip_bad
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        try:
-            return load_image(self.paths[i], self.image_size), True
-        except (ValueError, FileNotFoundError):
-            if not self.skip_bad:
-                raise
-            return torch.zeros(3, self.image_size, self.image_size), False
+def _as_records(images) -> list[Record]:
+    return [r if isinstance(r, Record) else Record(key=str(r), path=str(r)) for r in images]
 
 
 def _autocast(device: torch.device, precision: str):
@@ -101,32 +101,29 @@ def _device_of(model) -> torch.device:
 @torch.no_grad()
 def encode_images(
     model,
-    paths: Sequence[str | os.PathLike],
+    images: Sequence[Record | str | os.PathLike],
     batch_size: int = 64,
     num_workers: int = 0,
     precision: str = "fp32",
     skip_bad: bool = False,
     progress: bool = True,
 ):
-    """(embeddings [N_ok, E] float32 on CPU, boolean [N] mask of the images that decoded)."""
-    from tqdm import tqdm
-
-    if len(paths) == 0:
+    """(embeddings [N_ok, E] float32 on CPU, boolean [N] mask of the images that decoded). ``images``:
+    records or file paths. An undecodable image is a ValueError naming it, or with ``skip_bad`` left out."""
+    if len(images) == 0:
         raise ValueError("no images to encode")
+    records = _as_records(images)
     device = _device_of(model)
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(paths, model.cfg.image_size, skip_bad),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        shuffle=False,
-    )
-    feats, ok = [], []
-    for images, good in tqdm(loader, desc="images", unit="batch", disable=not progress):
-        ok.append(good)
-        if good.any():
-            with _autocast(device, precision):
-                feats.append(model.encode_image(images[good].to(device)).float().cpu())
-    ok = torch.cat(ok)
+    feats, ok = [], torch.zeros(len(records), dtype=torch.bool)
+    bar = progress_bar(len(records), desc="images", unit="img", disable=not progress)
+    batches = eval_batches(records, model.cfg.image_size, batch_size, workers=num_workers, skip_bad=skip_bad,
+                           stats=DataStats())
+    for x, idx in batches:
+        with _autocast(device, precision):
+            feats.append(model.encode_image(x.to(device)).float().cpu())
+        ok[idx] = True
+        bar.update(len(idx))
+    bar.close()
     if not ok.any():
         raise ValueError("none of the images could be decoded")
     return torch.cat(feats), ok
@@ -142,8 +139,6 @@ def encode_texts(
     progress: bool = True,
 ) -> torch.Tensor:
     """[N, E] float32 embeddings on CPU."""
-    from tqdm import tqdm
-
     if len(texts) == 0:
         raise ValueError("no texts to encode")
     if tokenizer.vocab_size > model.cfg.vocab_size:
@@ -153,10 +148,13 @@ def encode_texts(
         )
     device = _device_of(model)
     out = []
-    for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", disable=not progress):
+    bar = progress_bar(len(texts), desc="texts", unit="text", disable=not progress)
+    for start in range(0, len(texts), batch_size):
         ids, mask = tokenizer(list(texts[start : start + batch_size]), context_length=model.cfg.max_text_len)
         with _autocast(device, precision):
             out.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
+        bar.update(len(ids))
+    bar.close()
     return torch.cat(out)
 
 
@@ -170,13 +168,17 @@ def preprocess_caption(text: str) -> str:
 
 @dataclass
 class RetrievalData:
-    images: list[str]  # image paths (resolved against the image root)
+    records: list[Record]  # one per image (path resolved against the image root), with its captions
     texts: list[str]  # all captions, in file order
     text_image: list[int]  # index of the image each caption belongs to
 
+    @property
+    def images(self) -> list[str]:
+        return [r.path for r in self.records]
+
     def relevance(self) -> torch.Tensor:
         """[I, T] bool: caption j describes image i, or has the same text as a caption of image i."""
-        rel = torch.zeros(len(self.images), len(self.texts), dtype=torch.bool)
+        rel = torch.zeros(len(self.records), len(self.texts), dtype=torch.bool)
         by_text: dict[str, list[int]] = {}
         for t, i in zip(self.texts, self.text_image):
             by_text.setdefault(t, []).append(i)
@@ -188,31 +190,19 @@ class RetrievalData:
 def load_retrieval_jsonl(
     path: str | os.PathLike, image_root: str | os.PathLike | None = None, preprocess: bool = True
 ) -> RetrievalData:
-    """Read the official format: one JSON object per line, ``{"image": "rel/path.jpg", "caption": [...]}``."""
-    root = Path(image_root) if image_root is not None else Path(path).parent
-    images, texts, text_image = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or "image" not in obj or "caption" not in obj:
-                raise ValueError(f"{path}:{lineno}: expected an object with 'image' and 'caption'")
-            caps = obj["caption"]
-            if isinstance(caps, str):
-                caps = [caps]
-            if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{path}:{lineno}: 'caption' must be a non-empty list of strings")
-            images.append(str(root / obj["image"]))
-            for c in caps:
-                texts.append(preprocess_caption(c) if preprocess else c)
-                text_image.append(len(images) - 1)
-    if not images:
+    """Read the official format: one JSON object per line, ``{"image": "rel/path.jpg", "caption": [...]}``,
+    with the parser training uses (strict: a line that is not UTF-8, not JSON, or without an image and a
+    non-empty caption is a ValueError naming ``file:line``)."""
+    records = read_jsonl(str(path), None if image_root is None else str(image_root), strict=True,
+                         require_caption=True)
+    if not records:
         raise ValueError(f"{path} holds no samples")
-    return RetrievalData(images, texts, text_image)
+    texts, text_image = [], []
+    for i, rec in enumerate(records):
+        for c in rec.captions:
+            texts.append(preprocess_caption(c) if preprocess else c)
+            text_image.append(i)
+    return RetrievalData(records, texts, text_image)
 
 
 def evaluate_retrieval(
@@ -229,7 +219,8 @@ def evaluate_retrieval(
     """R@1/5/10 both ways and MR (percent). With ``skip_bad_images`` undecodable images are dropped together
     with their captions and counted in ``skipped_images``; otherwise they raise ValueError."""
     model.eval()
-    img, ok = encode_images(model, data.images, batch_size, num_workers, precision, skip_bad_images, progress)
+    img, ok = encode_images(model, data.records, batch_size, num_workers, precision, skip_bad_images,
+                            progress)
     keep_text = ok[torch.tensor(data.text_image)]
     texts = [t for t, k in zip(data.texts, keep_text.tolist()) if k]
     txt = encode_texts(model, tokenizer, texts, batch_size, precision, progress)
@@ -332,15 +323,16 @@ def zero_shot_accuracy(
     progress: bool = True,
 ) -> dict[str, float]:
     """Top-k accuracy (percent) over ``batches`` of (images [N, 3, S, S], labels [N])."""
-    from tqdm import tqdm
-
     device = _device_of(model)
     logits, labels = [], []
-    for images, y in tqdm(batches, desc="classify", unit="batch", disable=not progress):
+    bar = progress_bar(None, desc="classify", unit="batch", disable=not progress)
+    for images, y in batches:
+        bar.update(1)
         with _autocast(device, precision):
             feats = model.encode_image(images.to(device)).float()
         logits.append((feats @ classifier.to(device).float()).cpu())
         labels.append(torch.as_tensor(y).long().cpu())
+    bar.close()
     if not logits:
         raise ValueError("no images to classify")
     ks = tuple(k for k in ks if k <= classifier.shape[1])
@@ -349,77 +341,37 @@ def zero_shot_accuracy(
     return out
 
 
-_IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
 def load_classification_data(data: str | os.PathLike, classnames: Sequence[str] | None = None):
-    """(paths, labels): a directory with one sub-directory per class (sorted order = label order, as
-    torchvision's ImageFolder), or a jsonl of ``{"image": path, "label": int or class name}``."""
-    data = Path(data)
-    paths, labels = [], []
-    if data.is_dir():
-        classes = sorted(p.name for p in data.iterdir() if p.is_dir())
-        if not classes:
-            raise ValueError(f"{data} has no class sub-directories")
+    """(records, labels): a folder with one sub-folder per class (sorted order = label order, as
+    torchvision's ImageFolder), or a jsonl of ``{"image": path, "label": int or class name}`` (strict:
+    a bad line is a ValueError naming ``file:line``)."""
+    data = str(data)
+    if os.path.isdir(data):
+        records, classes = read_image_folder(data)
         if classnames is not None and len(classes) != len(classnames):
             raise ValueError(
                 f"{data} has {len(classes)} class folders but {len(classnames)} class names were given"
             )
-        for label, c in enumerate(classes):
-            for p in sorted((data / c).iterdir()):
-                if p.suffix.lower() in _IMG_EXT:
-                    paths.append(str(p))
-                    labels.append(label)
     else:
         index = {c: i for i, c in enumerate(classnames or [])}
-        with open(data, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                label = obj.get("label")
-                if isinstance(label, str):
-                    if label not in index:
-                        raise ValueError(f"{data}:{lineno}: unknown class name {label!r}")
-                    label = index[label]
-                if not isinstance(label, int) or (
-                    classnames is not None and not 0 <= label < len(classnames)
-                ):
-                    raise ValueError(f"{data}:{lineno}: bad label {obj.get('label')!r}")
-                paths.append(str(data.parent / obj["image"]))
-                labels.append(label)
-    if not paths:
+        records = read_jsonl(data, strict=True, require_label=True)
+        labelled = []
+        for rec in records:
+            label = rec.label
+            if isinstance(label, str):
+                if label not in index:
+                    raise ValueError(f"{data}: image {rec.key}: unknown class name {label!r}")
+                label = index[label]
+            if classnames is not None and not 0 <= label < len(classnames):
+                raise ValueError(f"{data}: image {rec.key}: label {label} outside [0, {len(classnames)})")
+            labelled.append(Record(key=rec.key, path=rec.path, label=label))
+        records = labelled
+    if not records:
         raise ValueError(f"no images found in {data}")
-    return paths, torch.tensor(labels)
+    return records, torch.tensor([r.label for r in records])
 
 
 # --------------------------------------------------------------------------- model loading and CLI
-
-
-def load_model(checkpoint: str | os.PathLike, config: str | M2Config | None = None, device="cpu"):
-    """An :class:`M2Encoder` from our state dict (optionally under ``model`` / ``state_dict``) or from an
-    official checkpoint (recognised by its ``backbone.`` keys and converted strictly)."""
-    from .convert import load_official_checkpoint, unwrap_checkpoint
-    from .modeling import M2Encoder
-
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    sd = unwrap_checkpoint(ckpt)
-    if any(k.startswith("backbone.") for k in sd):
-        cfg = get_config(config) if isinstance(config, str) else config
-        model, report = load_official_checkpoint(sd, cfg, strict=True)
-        print(f"converted official checkpoint; dropped {len(report.dropped)} unused tensors", file=sys.stderr)
-    else:
-        if config is None:
-            raise ValueError("--config is required for checkpoints in this library's format")
-        cfg = get_config(config) if isinstance(config, str) else config
-        model = M2Encoder(cfg)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint does not match config {config!r}: missing {missing[:10]}, "
-                f"unexpected {unexpected[:10]}"
-            )
-    return model.to(device).eval()
 
 
 def _read_lines(path) -> list[str]:
@@ -492,14 +444,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         classifier = zero_shot_classifier(
             model, tokenizer, classnames, templates, args.batch_size * 4, args.precision, progress
         )
-        paths, labels = load_classification_data(args.data, classnames)
-        ds = _ImageFiles(paths, model.cfg.image_size, skip_bad=False)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.StackDataset(ds, labels),
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-        )
-        batches = ((x[0], y) for x, y in loader)
+        records, labels = load_classification_data(args.data, classnames)
+        images = eval_batches(records, model.cfg.image_size, args.batch_size, workers=args.num_workers)
+        batches = ((x, labels[idx]) for x, idx in images)
         out = zero_shot_accuracy(model, classifier, batches, precision=args.precision, progress=progress)
     print(json.dumps(out, indent=2, ensure_ascii=False))
     if args.output:

@@ -25,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -102,16 +103,15 @@ class Block(nn.Module):
         self.ffn = wrap(lambda: FeedForward(cfg))
 
     def forward(self, x: torch.Tensor, modality: str, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        n, length, d = x.shape
         h = self.attn_norm(x, modality)
         q, k, v = (
-            p(h, modality).view(n, length, self.heads, -1).transpose(1, 2)
+            rearrange(p(h, modality), "n l (heads d) -> n heads l d", heads=self.heads)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        a = a.transpose(1, 2).reshape(n, length, d)
+        a = rearrange(a, "n heads l d -> n l (heads d)")
         x = x + F.dropout(
             self.out_proj(self.inner_attn_ln(a, modality), modality), self.dropout, self.training
         )
@@ -192,7 +192,8 @@ class M2Encoder(nn.Module):
         """Final hidden states of all image tokens [N, 1 + patches, width] (class token first)."""
         if self.cfg.check_inputs:
             self._check_images(images)
-        x = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
+        patches = self.patch_embed(images.to(self.patch_embed.weight.dtype))
+        x = rearrange(patches, "n d gh gw -> n (gh gw) d")  # patches in row-major order
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = x + self.image_pos_embed.to(x.dtype)
         return self._run(x, VISION, None)

@@ -118,7 +118,7 @@ def render(rng: np.random.Generator, size: int = 64):
 def generate(out: str, num_train: int = 4000, num_val: int = 400, size: int = 64, seed: int = 0,
              samples_per_shard: int = 1000, quality: int = 90) -> dict:
     """Write the dataset under ``out``; returns a summary dict. Same seed, same files."""
-    from .data.make_shards import write_shards
+    from .data.make_shards import shards_from_jsonl
 
     if num_train < 1 or num_val < 1:
         raise ValueError("num_train and num_val must be >= 1")
@@ -140,8 +140,8 @@ def generate(out: str, num_train: int = 4000, num_val: int = 400, size: int = 64
                 _write_jsonl(os.path.join(out, f"val_{lang}.jsonl"),
                              [{"image": r["image"], "caption": [r[f"caption_{lang}"]], "label": r["label"]}
                               for r in rows])
-        write_shards(os.path.join(out, f"{split}.jsonl"), os.path.join(out, "shards"), prefix=split,
-                     samples_per_shard=samples_per_shard)
+        shards_from_jsonl(os.path.join(out, f"{split}.jsonl"), os.path.join(out, "shards"), prefix=split,
+                          samples_per_shard=samples_per_shard)
     en, zh = class_names()
     classes = {"en": {"classnames": en, "templates": TEMPLATES_EN},
                "zh": {"classnames": zh, "templates": TEMPLATES_ZH}}

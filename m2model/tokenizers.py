@@ -8,11 +8,13 @@ the mask is 1 on tokens (including [CLS] and [END]) and 0 on padding.
   ``GLMChineseTokenizer``: runs of 2-10 spaces become ``<|blank_n|>`` pieces, the sequence is
   ``[CLS] ... <|endoftext|>``, padding uses ``<|endoftext|>``, 52 positions, and over-long texts are
   truncated on the LEFT (the start of the text is dropped, the end kept).
-* :class:`BertTokenizer` (the default, ``"bert-base-chinese"``) is a WordPiece tokenizer over the
-  bert-base-chinese vocabulary (21,128 entries) that ships inside the ``cn-clip`` wheel, as used by
-  Chinese-CLIP for Chinese and English alike: lower-casing, accent stripping, one token per CJK character,
-  punctuation split, greedy longest-match WordPiece. Sequence ``[CLS] ... [SEP]``, pad id 0, truncation on
-  the RIGHT (the end of the text is dropped), as in Chinese-CLIP.
+* :class:`BertTokenizer` (the default, ``"bert-base-chinese"``) is the Hugging Face ``tokenizers``
+  (Rust) ``BertWordPieceTokenizer`` over the bert-base-chinese vocabulary (21,128 entries) that ships
+  inside the ``cn-clip`` wheel, configured as Chinese-CLIP's tokenizer for Chinese and English alike:
+  lower-casing, accent stripping, one token per CJK character, punctuation split, greedy longest-match
+  WordPiece, words of more than 200 characters -> ``[UNK]`` (tested to give cn-clip's ids). Sequence
+  ``[CLS] ... [SEP]``, pad id 0, truncation on the RIGHT (the end of the text is dropped), as in
+  Chinese-CLIP.
 
 Empty texts are allowed: they encode to ``[CLS] [END]`` (a documented, deterministic result); an empty
 *list* of texts raises ValueError, as does anything that is not a string.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,28 +97,9 @@ def bundled_bert_vocab_path() -> Path:
     return path
 
 
-def _is_cjk(cp: int) -> bool:
-    return (
-        0x4E00 <= cp <= 0x9FFF
-        or 0x3400 <= cp <= 0x4DBF
-        or 0x20000 <= cp <= 0x2A6DF
-        or 0x2A700 <= cp <= 0x2B73F
-        or 0x2B740 <= cp <= 0x2B81F
-        or 0x2B820 <= cp <= 0x2CEAF
-        or 0xF900 <= cp <= 0xFAFF
-        or 0x2F800 <= cp <= 0x2FA1F
-    )
-
-
-def _is_punct(ch: str) -> bool:
-    cp = ord(ch)
-    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
-        return True
-    return unicodedata.category(ch).startswith("P")
-
-
 class BertTokenizer(Tokenizer):
-    """Uncased WordPiece over a BERT vocab.txt (default: bert-base-chinese from the cn-clip wheel)."""
+    """Uncased WordPiece over a BERT vocab.txt (default: bert-base-chinese from the cn-clip wheel), run by
+    the Rust ``tokenizers`` library."""
 
     truncation_side = "right"
 
@@ -125,85 +107,54 @@ class BertTokenizer(Tokenizer):
         self,
         vocab_file: str | os.PathLike | None = None,
         context_length: int = 52,
-        max_chars_per_word: int = 100,
+        max_chars_per_word: int = 200,  # Chinese-CLIP's WordpieceTokenizer limit
     ):
         super().__init__(context_length)
+        from tokenizers import BertWordPieceTokenizer
+
         path = Path(vocab_file) if vocab_file is not None else bundled_bert_vocab_path()
         with open(path, encoding="utf-8") as f:
             tokens = [line.rstrip("\n") for line in f]
-        self.vocab = {t: i for i, t in enumerate(tokens)}
-        self.inv_vocab = tokens
-        self.vocab_size = len(tokens)
+        vocab = {t: i for i, t in enumerate(tokens)}
         for t in ("[CLS]", "[SEP]", "[PAD]", "[UNK]"):
-            if t not in self.vocab:
+            if t not in vocab:
                 raise ValueError(f"{path} is not a BERT vocabulary: {t} is missing")
-        self.cls_id, self.end_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
-        self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
-        self.max_chars_per_word = max_chars_per_word
-
-    def basic_tokenize(self, text: str) -> list[str]:
-        out, word = [], []
-
-        def flush():
-            if word:
-                out.append("".join(word))
-                word.clear()
-
-        text = unicodedata.normalize("NFD", text.lower())
-        for ch in text:
-            cp = ord(ch)
-            cat = unicodedata.category(ch)
-            if cp == 0 or cp == 0xFFFD or (cat.startswith("C") and ch not in "\t\n\r"):
-                continue  # control characters
-            if cat == "Mn":
-                continue  # accents (stripped, as in uncased BERT)
-            if ch.isspace() or cat == "Zs":
-                flush()
-            elif _is_cjk(cp) or _is_punct(ch):
-                flush()
-                out.append(ch)
-            else:
-                word.append(ch)
-        flush()
-        return out
-
-    def wordpiece(self, word: str) -> list[int]:
-        if len(word) > self.max_chars_per_word:
-            return [self.unk_id]
-        ids, start = [], 0
-        while start < len(word):
-            end, cur = len(word), None
-            while start < end:
-                piece = word[start:end] if start == 0 else "##" + word[start:end]
-                if piece in self.vocab:
-                    cur = self.vocab[piece]
-                    break
-                end -= 1
-            if cur is None:
-                return [self.unk_id]
-            ids.append(cur)
-            start = end
-        return ids
+        self.vocab, self.inv_vocab, self.vocab_size = vocab, tokens, len(tokens)
+        self.cls_id, self.end_id = vocab["[CLS]"], vocab["[SEP]"]
+        self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
+        self._tok = BertWordPieceTokenizer(str(path), lowercase=True, strip_accents=True, clean_text=True,
+                                           handle_chinese_chars=True)
+        self._tok._tokenizer.model.max_input_chars_per_word = max_chars_per_word
 
     def encode_one(self, text: str) -> list[int]:
-        return [i for w in self.basic_tokenize(text) for i in self.wordpiece(w)]
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, Sequence):
+            raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError("texts is empty: nothing to tokenize")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
+        length = self.context_length if context_length is None else context_length
+        if length < 2:
+            raise ValueError(f"context_length must be >= 2, got {length}")
+        # the whole batch in Rust (in parallel); [CLS] body [SEP], the body cut on the right
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), length), dtype=torch.long)
+        for i, enc in enumerate(encodings):
+            row = [self.cls_id, *enc.ids[: length - 2], self.end_id]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        return ids, mask
 
     def decode(self, ids) -> str:
         special = {self.cls_id, self.end_id, self.pad_id}
-        toks = [self.inv_vocab[int(i)] for i in ids if int(i) not in special]
-        out = ""
-        for t in toks:
-            if t.startswith("##"):
-                out += t[2:]
-            elif (
-                out
-                and (len(t) > 1 or t.isascii() and t.isalnum())
-                and (out[-1].isascii() and out[-1].isalnum())
-            ):
-                out += " " + t
-            else:
-                out += t
-        return out
+        return self._tok.decode([int(i) for i in ids if int(i) not in special])
 
 
 # --------------------------------------------------------------------------- GLM SentencePiece

@@ -30,7 +30,7 @@ data_end=$(date +%s)
 echo "== training ($NPROC processes, gloo, grouped aggregation) into $RUN"
 rm -rf "$RUN"
 python -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m m2model.train \
-  --config configs/demo_tiny.yaml --train_jsonl "$DATA/train.jsonl" --output_dir "$RUN" "$@"
+  --config configs/demo_tiny.yaml --train_shards "$DATA/shards/train-*.tar" --output_dir "$RUN" "$@"
 train_end=$(date +%s)
 
 echo "== zero-shot evaluation on $(wc -l < "$DATA/val.jsonl") held-out images"

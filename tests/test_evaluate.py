@@ -168,6 +168,25 @@ def test_load_image_and_jsonl(tmp_path):
     bad.write_text('{"image": "a.jpg"\n')
     with pytest.raises(ValueError, match="not valid JSON"):
         load_retrieval_jsonl(bad)
+    # evaluation fails on a line that is not UTF-8, naming the file and the line (training skips it)
+    bad.write_bytes(b'{"image": "a.jpg", "caption": ["ok"]}\n{"image": "b.jpg", "caption": ["\xff"]}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid UTF-8"):
+        load_retrieval_jsonl(bad)
+    # the parser of training: captions stripped, blank ones dropped
+    bad.write_text('{"image": "a.jpg", "caption": ["  Two  Words ", " "]}\n')
+    assert load_retrieval_jsonl(bad).texts == ["two  words"]
+
+
+def test_classification_jsonl_errors_name_file_and_line(tmp_path):
+    from m2model.evaluate import load_classification_data
+
+    f = tmp_path / "cls.jsonl"
+    f.write_text('{"image": "a.jpg", "label": 1}\n{"image": "b.jpg", "label": "dog"}\n{"image": "c.jpg"}\n')
+    with pytest.raises(ValueError, match=r"cls.jsonl:3: expected a \"label\""):
+        load_classification_data(f, ["cat", "dog"])
+    f.write_text('{"image": "a.jpg", "label": 1}\n{"image": "b.jpg", "label": "dog"}\n')
+    records, labels = load_classification_data(f, ["cat", "dog"])
+    assert labels.tolist() == [1, 1] and records[0].path == str(tmp_path / "a.jpg")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import hashlib
 import json
 import os
 
-from m2model.data import load_records
+from m2model.data import build_index
 from m2model.synth import class_names, generate, main
 
 
@@ -43,8 +43,9 @@ def test_generate_is_seeded_and_complete(tmp_path):
     assert len(classes["en"]["classnames"]) == len(classes["zh"]["classnames"]) == 20
     assert all("{}" in t for t in classes["en"]["templates"] + classes["zh"]["templates"])
     # the shards hold the same samples
-    records, stats = load_records(shards=str(a / "shards" / "train-*.tar"))
-    assert len(records) == 24 and not stats
+    index = build_index(shards=str(a / "shards" / "train-*.tar"))
+    records = index.records
+    assert len(records) == 24 and not index.stats
     assert sorted(r.captions for r in records) == sorted(tuple(r["caption"]) for r in rows)
 
 

@@ -1,4 +1,5 @@
 import importlib.util
+import random
 
 import pytest
 import torch
@@ -25,8 +26,20 @@ def test_bert_matches_chinese_clip_reference_tokenizer(bert):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     ref = mod.FullTokenizer()
-    for text in [*MIXED, "unaffable tokenization 😀 ☃", "\tTabs\nand\r\nnewlines ", ""]:
+    # words of 150 and 250 characters: cn-clip gives [UNK] only past 200
+    fixed = [*MIXED, "unaffable tokenization 😀 ☃", "\tTabs\nand\r\nnewlines ", "", "a" * 150, "b" * 250,
+             "x\u0000y\ufffdz", "ＡＢＣ１２３ full-width", "日本語のテキスト 한국어 текст",
+             "\u200bzero\u00adsoft"]
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in [*range(32, 0x250), *range(0x3000, 0x3040), *range(0x4E00, 0x4E80),
+                                 *range(0x1F300, 0x1F340), 0x200B, 0xAD, 0xFEFF, 0xA0]]
+    fuzz = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(300)]
+    for text in fixed + fuzz:
         assert bert.encode_one(text) == ref.convert_tokens_to_ids(ref.tokenize(text)), text
+    ids, _ = bert(fixed, context_length=52)  # the batched (Rust, parallel) path agrees
+    for row, text in zip(ids, fixed):
+        body = ref.convert_tokens_to_ids(ref.tokenize(text))[:50]
+        assert row[1: 1 + len(body)].tolist() == body
 
 
 def test_bert_layout_round_trip_and_mask(bert):

@@ -1,13 +1,20 @@
-"""Training: loss falls, exact resume after a signal, config parsing, schedule, 2-process grouped run."""
+"""Training: loss falls, exact resume after a signal (Pillow and DALI), config validation, data counts
+in the metrics, resume from damaged checkpoint folders, schedule, 2-process grouped run."""
 
+import io
 import json
 import os
 import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
+from m2model.data import dali_available
 from m2model.synth import generate
 from m2model.train import TrainConfig, cosine_schedule, load_config, parse_args, train
 
@@ -25,7 +32,7 @@ def synth_dir(tmp_path_factory):
 def _cfg(synth_dir, out, **kw):
     base = dict(model="tiny", model_overrides=dict(TINY), train_jsonl=str(synth_dir / "train.jsonl"),
                 batch_size=8, max_steps=6, lr=2e-3, warmup_steps=2, output_dir=str(out), log_every=1,
-                progress=False, seed=0, num_threads=1)
+                progress=False, seed=0, num_threads=1, data_threads=0)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -46,12 +53,18 @@ def test_loss_falls(synth_dir, tmp_path):
     assert os.path.exists(out["checkpoint"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision):
+RESUME_CASES = [("fp32", "pillow"), ("bf16", "pillow")] + ([("fp32", "dali")] if dali_available() else [])
+
+
+@pytest.mark.parametrize("precision,backend", RESUME_CASES)
+def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision, backend):
     """Uninterrupted 7 steps == 3 steps, SIGTERM (checkpoint), resume, 4 more steps: bit-identical
-    parameters and optimizer state. Dropout is on, so the restored RNG state matters."""
+    parameters and optimizer state. Dropout is on, so the restored RNG state matters. On the DALI path
+    (shards, 6 steps of 16 an epoch) the resumed part also crosses an epoch boundary."""
     over = dict(TINY, dropout=0.1)
-    kw = dict(model_overrides=over, max_steps=7, batch_size=12, precision=precision)
+    kw = dict(model_overrides=over, max_steps=7, batch_size=12, precision=precision, data_backend=backend)
+    if backend == "dali":
+        kw.update(train_jsonl=None, train_shards=str(synth_dir / "shards" / "train-*.tar"), batch_size=16)
     ref = train(_cfg(synth_dir, tmp_path / "ref", **kw))["model"]
 
     def stop_at_3(step, metrics):
@@ -80,7 +93,7 @@ def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision):
 def test_gba_accumulation_matches_one_big_batch(synth_dir, tmp_path):
     """K=2 micro-batches of 8 through GBAAccumulator == one batch of 16 (same samples, same crops):
     the same parameters after 3 steps, to float32 summation order."""
-    pytest.importorskip("m2kernels.gradcache")
+    pytest.importorskip("m2kernels.distributed.gba")
     big = train(_cfg(synth_dir, tmp_path / "a", batch_size=16, max_steps=3))["model"]
     acc = train(_cfg(synth_dir, tmp_path / "b", batch_size=8, accum_steps=2, max_steps=3))["model"]
     for (name, a), b in zip(big.state_dict().items(), acc.state_dict().values()):
@@ -132,6 +145,112 @@ def test_config_file_and_cli_overrides(tmp_path, synth_dir):
         train(_cfg(synth_dir, tmp_path / "o", optimizer="lamb"))
 
 
+BAD_VALUES = [  # (key, command-line value, what the message must say)
+    ("grad_clip", "-1", "'grad_clip': expected a number > 0"),
+    ("log_every", "0", "'log_every': expected an integer >= 1"),
+    ("crop_scale", "[0.5]", "'crop_scale': expected a list of two numbers"),
+    ("crop_scale", "[1.0, 0.1]", "'crop_scale': expected \\[min, max\\] with 0 < min <= max <= 1"),
+    ("model_overrides", "5", "'model_overrides': expected a mapping"),
+    ("model_overrides", "{widthh: 8}", "'model_overrides': unknown M2Config fields \\['widthh'\\]"),
+    ("epochs", "0", "'epochs': expected an integer >= 1"),
+    ("progress", "5", "'progress': expected true or false"),
+    ("save_every", "-1", "'save_every': expected an integer >= 0"),
+    ("warmup_steps", "-5", "'warmup_steps': expected an integer >= 0"),
+    ("batch_size", "null", "'batch_size': expected an integer >= 1 \\(null is not allowed here\\)"),
+    ("lr", "nan", "'lr': expected a finite number"),
+    ("betas", "[0.9, 1.0]", "'betas': expected two values in \\[0, 1\\)"),
+    ("data_backend", "opencv", "'data_backend': expected one of"),
+    ("keep_checkpoints", "0", "'keep_checkpoints'"),
+    ("context_length", "99", "'context_length': 99 exceeds the model's max_text_len 52"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+def test_every_key_is_validated_before_anything_loads(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--train_jsonl", "does-not-exist.jsonl", f"--{key}", value])
+
+
+def test_null_on_the_command_line_is_kept(synth_dir, tmp_path):
+    """``--grad_clip null`` (documented as off) must reach the config, not be dropped for the default."""
+    cfg = parse_args(["--train_jsonl", str(synth_dir / "train.jsonl"), "--grad_clip", "null",
+                      "--max_steps", "null", "--model_overrides", json.dumps(TINY), "--progress", "false",
+                      "--output_dir", str(tmp_path), "--data_threads", "0", "--batch_size", "16",
+                      "--epochs", "1", "--log_every", "1"])
+    assert cfg.grad_clip is None and cfg.max_steps is None
+    train(cfg)
+    steps = [x for x in map(json.loads, open(tmp_path / "metrics.jsonl")) if "event" not in x]
+    assert len(steps) == 6 and all("grad_norm" not in x for x in steps)  # no clipping, so no norm
+
+
+def _write_png(path, seed, damaged=False):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    if damaged:  # header and IEND intact: only decoding finds it
+        start = data.index(b"IDAT") + 20
+        data[start: start + 40] = bytes(range(40))
+    path.write_bytes(bytes(data))
+
+
+def test_data_counts_are_in_every_record_and_at_the_end(tmp_path):
+    """A run that stops mid-epoch reports what was skipped: index-time counts from the first record,
+    decode failures as they happen, the total at the end."""
+    rows = []
+    for i in range(16):
+        _write_png(tmp_path / f"{i}.png", i, damaged=i % 4 == 0)
+        rows.append(json.dumps({"image": f"{i}.png", "caption": [f"caption {i}"]}))
+    rows.append(json.dumps({"image": "gone.png", "caption": ["missing"]}))
+    rows.append("{not json")
+    (tmp_path / "d.jsonl").write_text("\n".join(rows))
+    cfg = _cfg(tmp_path, tmp_path / "run", train_jsonl=str(tmp_path / "d.jsonl"), batch_size=2, max_steps=3,
+               model_overrides=dict(TINY), seed=1)
+    out = train(cfg)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    steps = [x for x in lines if "loss" in x and "event" not in x]
+    assert len(steps) == 3 and not [x for x in lines if x.get("event") == "epoch_end"]  # mid-epoch
+    assert all(x["data"]["missing"] == 1 and x["data"]["bad_line"] == 1 for x in steps)
+    end = lines[-1]
+    assert end["event"] == "end" and end["data"] == out["data"]
+    assert end["data"]["corrupt"] >= 1  # damaged PNGs met while decoding (seed 1 meets some)
+    assert [x["data"].get("corrupt", 0) for x in steps] == sorted(x["data"].get("corrupt", 0) for x in steps)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_resume_skips_damaged_checkpoints_and_removes_stale_temp_files(synth_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_cfg(synth_dir, run, max_steps=2))
+    good = run / "checkpoint-00000002.pt"
+    data = good.read_bytes()
+    (run / "checkpoint-00000009.pt").write_bytes(data[: len(data) // 2])  # cut short (not by the trainer)
+    torch.save({"model": {}}, run / "checkpoint-00000008.pt")  # a torch file, not a trainer checkpoint
+    stale = run / f"checkpoint-00000003.pt.tmp.{_dead_pid()}"
+    stale.write_bytes(b"partial")
+    mine = run / f"checkpoint-00000099.pt.tmp.{os.getpid()}"  # a live process's: kept
+    mine.write_bytes(b"in progress")
+    out = train(_cfg(synth_dir, run, max_steps=4, resume="auto"))
+    assert out["step"] == 4
+    err = capsys.readouterr().err
+    start = [json.loads(x) for x in open(run / "metrics.jsonl") if '"start"' in x][-1]
+    assert start["resumed_from"] == str(good)
+    assert start["skipped_checkpoints"] == ["checkpoint-00000009.pt", "checkpoint-00000008.pt"]
+    assert "not a complete torch checkpoint" in err and "not a checkpoint written by m2model.train" in err
+    assert not stale.exists() and mine.exists()
+    # an explicit path must be intact
+    with pytest.raises(ValueError, match="not a complete torch checkpoint"):
+        train(_cfg(synth_dir, run, max_steps=5, resume=str(run / "checkpoint-00000009.pt")))
+    for f in run.glob("checkpoint-*.pt"):
+        f.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="no intact checkpoint"):
+        train(_cfg(synth_dir, run, max_steps=5, resume="auto"))
+
+
 def test_shipped_configs_parse():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     demo = load_config(os.path.join(root, "configs", "demo_tiny.yaml"))
@@ -171,8 +290,8 @@ def _run_spawn(tmp_path, synth_dir, kw):
 def test_two_process_grouped_training(tmp_path, synth_dir):
     """2 gloo processes (file:// rendezvous), grouped loss, GBA accumulation over K=2 micro-batches."""
     accum_steps = 2
-    pytest.importorskip("m2kernels.gradcache")
-    kw = dict(loss_mode="grouped", max_steps=4, batch_size=8, accum_steps=accum_steps)
+    pytest.importorskip("m2kernels.distributed.gba")
+    kw = dict(loss_mode="grouped", max_steps=4, batch_size=8, accum_steps=accum_steps, data_threads=0)
     results = _run_spawn(tmp_path, synth_dir, kw)
     (_, s0, l0, p0), (_, s1, l1, p1) = results
     assert s0 == s1 == 4 and l0 == l1 and l0 == l0  # the logged loss is the all-reduced mean

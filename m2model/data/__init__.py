@@ -1,27 +1,23 @@
-"""Image-text data: jsonl and webdataset records, DALI/Pillow decoding, the training loader, shard writer."""
+"""Image-text data: one record index (jsonl files, image folders, webdataset shards) and one sample path
+(decode, transform, tokenise) for training and evaluation, decoded by DALI's webdataset reader or by
+Pillow in DataLoader workers.
 
-from .dali import DaliDecoder, dali_available
-from .loader import Batch, ImageTextLoader, load_eval_set, resolve_backend
-from .records import DataStats, Record, expand_shard_pattern, load_jsonl, probe_header, scan_shards
-from .transforms import pil_decode_transform, random_resized_crop_params
+Layers, lowest first: ``decode`` / ``transforms`` (pixels), ``records`` / ``shards`` (sources),
+``index`` (checked records), ``stream`` (the per-epoch, per-rank plan), ``pillow_reader`` /
+``dali_reader`` (decoding paths), ``loader`` (batches).
+"""
+
+from .dali_reader import dali_available
+from .decode import BadSample, decode_transform, probe_image, to_rgb
+from .index import DatasetIndex, build_index, check_records
+from .loader import Batch, ImageTextLoader, eval_batches, resolve_backend
+from .records import DataStats, Record, read_image_folder, read_jsonl
+from .shards import expand_shard_pattern, scan_shards, write_shards
+from .transforms import normalize_uint8, random_resized_crop_params, sample_params
 
 __all__ = [
-    "Batch", "DaliDecoder", "DataStats", "ImageTextLoader", "Record", "dali_available",
-    "expand_shard_pattern",
-    "load_eval_set", "load_jsonl", "pil_decode_transform", "probe_header", "random_resized_crop_params",
-    "resolve_backend", "scan_shards", "load_records",
+    "BadSample", "Batch", "DataStats", "DatasetIndex", "ImageTextLoader", "Record", "build_index",
+    "check_records", "dali_available", "decode_transform", "eval_batches", "expand_shard_pattern",
+    "normalize_uint8", "probe_image", "random_resized_crop_params", "read_image_folder", "read_jsonl",
+    "resolve_backend", "sample_params", "scan_shards", "to_rgb", "write_shards",
 ]
-
-
-def load_records(jsonl: str | None = None, shards=None, image_root: str | None = None):
-    """Records from a jsonl file and/or webdataset shards; returns (records, index-time stats)."""
-    records, stats = [], DataStats()
-    if jsonl:
-        records.extend(load_jsonl(jsonl, image_root))
-    if shards:
-        index = scan_shards(expand_shard_pattern(shards))
-        records.extend(index.records)
-        stats.update(index.stats)
-    if not jsonl and not shards:
-        raise ValueError("no data source: give a jsonl file or webdataset shards")
-    return records, stats

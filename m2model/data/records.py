@@ -1,27 +1,29 @@
-"""Image-text records: the official jsonl format and webdataset tar shards, indexed for random access.
+"""Image-text records and the readers of their sources: jsonl files and image folders.
 
-A record names where its image bytes live (a file, or a byte range inside a tar shard) and carries its
-captions. Indexing is cheap (no image is decoded); every check that needs the bytes runs when a sample is
-loaded, so the per-epoch counts in :class:`DataStats` say what each epoch skipped.
+A record names where its image bytes live (a file, or a byte range inside a webdataset shard, see
+``shards.py``) and carries its captions and/or label; once checked (``index.py``) it also carries the
+image's format, mode and size from its header.
+
+jsonl lines that cannot be read are either an error naming the file and line (``strict=True``, what
+evaluation wants: a wrong benchmark file must not be scored) or skipped and counted as ``bad_line`` with
+the first few locations kept for a message (``strict=False``, training).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from dataclasses import dataclass
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
-TEXT_EXTENSIONS = ("json", "txt")
+# Counter names. Skipped samples (the rest of the sample is unusable):
+SKIP_REASONS = ("missing", "empty_caption", "corrupt", "truncated", "bad_line", "incomplete_sample")
+# Whole shards found unusable while indexing (their complete samples, if any, are kept):
+SHARD_REASONS = ("missing_shard", "truncated_shard", "unreadable_shard")
+# Informational (decoded after conversion): cmyk, grayscale, high_bit_depth, alpha, palette.
 
-# Counter names. Skipped samples: missing, empty_caption, corrupt, truncated, unsupported.
-# Informational (decoded after conversion): cmyk, grayscale, alpha, palette.
-# Index-time: truncated_shard, incomplete_sample.
-SKIP_REASONS = ("missing", "empty_caption", "corrupt", "truncated", "unsupported")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "jp2", "ppm", "pgm", "pbm")
+_MAX_PROBLEMS = 10  # locations kept for messages; the counts are always complete
 
 
 class DataStats(Counter):
@@ -37,205 +39,149 @@ class DataStats(Counter):
         return sum(self[k] for k in SKIP_REASONS)
 
 
-@dataclass(frozen=True)
+class Problems(list):
+    """The first few "file:line: reason" messages of skipped input (the counts are in DataStats)."""
+
+    total = 0
+
+    def add(self, message: str) -> None:
+        self.total += 1
+        if len(self) < _MAX_PROBLEMS:
+            self.append(message)
+
+    def summary(self) -> str:
+        more = f" (and {self.total - len(self)} more)" if self.total > len(self) else ""
+        return "; ".join(self) + more
+
+
+@dataclass(frozen=True, slots=True)
 class Record:
-    """One image-text pair. ``path`` is an image file, or a tar shard when ``offset`` is set."""
+    """One sample. ``path`` is an image file, or a tar shard when ``offset`` >= 0."""
 
     key: str
     path: str
-    captions: tuple[str, ...]
+    captions: tuple[str, ...] = ()
     offset: int = -1
     size: int = -1
+    label: int | str | None = None
+    # from the image header, filled in by the index check
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+
+    @property
+    def in_shard(self) -> bool:
+        return self.offset >= 0
 
     def read_bytes(self) -> bytes:
-        """The encoded image; raises FileNotFoundError (missing) or EOFError (short read from a shard)."""
-        if self.offset < 0:
-            with open(self.path, "rb") as f:
-                return f.read()
+        """The encoded image; FileNotFoundError (missing) or EOFError (a shard member cut short)."""
         with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
             raise EOFError(f"{self.path}: member {self.key} is cut short ({len(data)} of {self.size} bytes)")
         return data
 
+    def where(self) -> str:
+        return f"{self.path} ({self.key})" if self.in_shard else self.path
+
 
 def clean_captions(captions) -> tuple[str, ...]:
-    """Accept a string or a list of strings; drop empty and whitespace-only entries."""
+    """Accept a string or a list of strings; drop empty and whitespace-only entries, strip the rest."""
     if captions is None:
         return ()
     if isinstance(captions, str):
         captions = [captions]
     if not isinstance(captions, (list, tuple)):
         raise TypeError(f"caption must be a string or a list of strings, got {type(captions).__name__}")
-    return tuple(c.strip() for c in captions if isinstance(c, str) and c.strip())
+    if not all(isinstance(c, str) for c in captions):
+        raise TypeError("caption must be a string or a list of strings")
+    return tuple(c.strip() for c in captions if c.strip())
 
 
-def load_jsonl(path: str, image_root: str | None = None) -> list[Record]:
-    """Read the official evaluation format: one ``{"image": rel_path, "caption": [..]}`` object a line.
+def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
+               require_caption: bool = False, require_label: bool = False, stats: DataStats | None = None,
+               problems: Problems | None = None) -> list[Record]:
+    """Records of a jsonl file, one ``{"image": rel_path, "caption": str | [str, ...]}`` object a line
+    (``captions`` is accepted too, and an optional ``label``: int or class name).
 
-    ``image_root`` defaults to the jsonl's folder. Records keep empty caption lists (they are skipped and
-    counted when loaded); a line that is not a JSON object with an ``image`` key is a ValueError naming it.
+    ``image_root`` defaults to the jsonl's folder. A line that is not UTF-8, not JSON, or not such an
+    object is a ValueError naming ``path:line`` when ``strict``, else skipped and counted as ``bad_line``
+    in ``stats`` (with the message in ``problems``). ``require_caption`` / ``require_label`` make a line
+    without a non-empty caption / without a label bad as well; otherwise records keep empty caption lists,
+    which the index check counts as ``empty_caption``.
     """
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
+    stats = stats if stats is not None else DataStats()
+    problems = problems if problems is not None else Problems()
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
+
+    def bad(lineno: int, why: str) -> None:
+        message = f"{path}:{lineno}: {why}"
+        if strict:
+            raise ValueError(message)
+        stats["bad_line"] += 1
+        problems.add(message)
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such jsonl file") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                bad(lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                continue
             if not line:
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
-                raise ValueError(f'{path}:{lineno}: expected an object with an "image" path string')
-            caps = obj.get("caption", obj.get("captions"))
+                bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+                bad(lineno, 'expected an object with an "image" path string')
+                continue
             try:
-                caps = clean_captions(caps)
+                caps = clean_captions(obj.get("caption", obj.get("captions")))
             except TypeError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            records.append(Record(key=obj["image"], path=os.path.join(root, obj["image"]), captions=caps))
+                bad(lineno, str(e))
+                continue
+            if require_caption and not caps:
+                bad(lineno, '"caption" must hold at least one non-empty string')
+                continue
+            label = obj.get("label")
+            if label is not None and (isinstance(label, bool) or not isinstance(label, (int, str))):
+                bad(lineno, f'"label" must be an int or a class name, got {label!r}')
+                continue
+            if require_label and label is None:
+                bad(lineno, 'expected a "label" (int or class name)')
+                continue
+            records.append(Record(key=obj["image"], path=os.path.join(root, obj["image"]), captions=caps,
+                                  label=label))
     return records
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: the key is the path up to the first dot of the base name."""
-    dirname, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return os.path.join(dirname, stem), ext.lower()
-
-
-def _captions_from_text(ext: str, data: bytes) -> tuple[str, ...]:
-    text = data.decode("utf-8", errors="replace")
-    if ext == "json":
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            return ()
-        if isinstance(obj, dict):
-            obj = obj.get("caption", obj.get("captions", obj.get("text")))
-        try:
-            return clean_captions(obj)
-        except TypeError:
-            return ()
-    return clean_captions(text.splitlines())
-
-
-@dataclass
-class ShardIndex:
-    records: list[Record] = field(default_factory=list)
-    stats: DataStats = field(default_factory=DataStats)
-
-
-def scan_shards(paths: Sequence[str] | str) -> ShardIndex:
-    """Index webdataset tar shards (``KEY.jpg`` + ``KEY.txt``/``KEY.json``) without decoding images.
-
-    A truncated shard keeps the samples whose members are complete; the cut is counted as
-    ``truncated_shard`` and every partial sample as ``incomplete_sample``. A missing shard is counted as
-    ``missing_shard``.
-    """
-    if isinstance(paths, str):
-        paths = [paths]
-    index = ShardIndex()
-    for path in paths:
-        if not os.path.exists(path):
-            index.stats["missing_shard"] += 1
-            continue
-        file_size = os.path.getsize(path)
-        groups: dict[str, dict[str, tuple]] = {}
-        order: list[str] = []
-        cut = False
-        try:
-            with tarfile.open(path, "r:") as tf:
-                while True:
-                    try:
-                        member = tf.next()
-                    except (tarfile.ReadError, EOFError, OSError):
-                        cut = True
-                        break
-                    if member is None:
-                        break
-                    if not member.isfile():
-                        continue
-                    key, ext = _split_key(member.name)
-                    if member.offset_data + member.size > file_size:
-                        cut = True
-                        groups.setdefault(key, {})["_incomplete"] = ()
-                        if key not in order:
-                            order.append(key)
-                        break
-                    if key not in groups:
-                        groups[key] = {}
-                        order.append(key)
-                    if ext in TEXT_EXTENSIONS:
-                        fobj = tf.extractfile(member)
-                        groups[key][ext] = (fobj.read() if fobj is not None else b"",)
-                    else:
-                        groups[key][ext] = (member.offset_data, member.size)
-        except tarfile.ReadError:
-            cut = True  # not even a first header
-        if cut:
-            index.stats["truncated_shard"] += 1
-        for key in order:
-            parts = groups[key]
-            img_ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
-            if "_incomplete" in parts or img_ext is None:
-                index.stats["incomplete_sample"] += 1
-                continue
-            caps: tuple[str, ...] = ()
-            for text_ext in TEXT_EXTENSIONS:
-                if text_ext in parts:
-                    caps = _captions_from_text(text_ext, parts[text_ext][0])
-                    if caps:
-                        break
-            offset, size = parts[img_ext]
-            index.records.append(Record(key=f"{os.path.basename(path)}/{key}", path=path, captions=caps,
-                                        offset=offset, size=size))
-    return index
-
-
-def expand_shard_pattern(spec: str | Iterable[str]) -> list[str]:
-    """Expand ``dir/train-{000000..000009}.tar`` (brace ranges, as webdataset), globs, or lists."""
-    import glob
-
-    if not isinstance(spec, str):
-        return [p for s in spec for p in expand_shard_pattern(s)]
-    try:
-        import braceexpand
-
-        specs = list(braceexpand.braceexpand(spec))
-    except ImportError:
-        specs = [spec]
-    out = []
-    for s in specs:
-        if any(ch in s for ch in "*?["):
-            out.extend(sorted(glob.glob(s)))
-        else:
-            out.append(s)
-    return out
-
-
-def probe_header(data: bytes) -> tuple[str | None, str, tuple[int, int]]:
-    """Parse only the image header with Pillow: (format, mode, (width, height)).
-
-    Returns (None, reason, (0, 0)) when the bytes are not a readable image, where reason is ``corrupt``
-    or ``truncated``; JPEG and PNG files must end with their end marker (EOI / IEND), which catches
-    truncation without decoding.
-    """
-    from PIL import Image
-
-    if not data:
-        return None, "truncated", (0, 0)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, mode, size = im.format, im.mode, im.size
-    except Exception:  # Pillow raises many types for bad headers
-        return None, "corrupt", (0, 0)
-    if fmt == "JPEG" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
-        return None, "truncated", (0, 0)
-    if fmt == "PNG" and data.rfind(b"IEND", max(0, len(data) - 64)) < 0:
-        return None, "truncated", (0, 0)
-    if size[0] < 1 or size[1] < 1:
-        return None, "corrupt", (0, 0)
-    return fmt, mode, size
+def read_image_folder(root: str) -> tuple[list[Record], list[str]]:
+    """An image-classification folder: one sub-folder per class, sorted names = label order (the layout
+    torchvision's ImageFolder reads). Returns (records with int labels, class folder names)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: no such folder")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders")
+    records = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        for fname in sorted(os.listdir(folder)):
+            ext = fname.rsplit(".", 1)[-1].lower() if "." in fname else ""
+            if ext in IMAGE_EXTENSIONS and os.path.isfile(os.path.join(folder, fname)):
+                records.append(Record(key=f"{name}/{fname}", path=os.path.join(folder, fname), label=label))
+    return records, classes

@@ -1,24 +1,19 @@
-"""Image transforms shared by the DALI and the Pillow paths.
+"""Augmentation parameters shared by the DALI and the Pillow paths, and the normalisation.
 
-Random parameters (crop window, flip) are drawn in Python from a generator seeded by
+Random parameters (crop window, flip, which caption) are drawn in Python from a generator seeded by
 (seed, epoch, sample index), so both backends apply the same augmentation to the same sample and a
 resumed run sees exactly the samples and crops it would have seen.
 """
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
+import torch
 
 MEAN = 0.5
 STD = 0.5
-DECODABLE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "MPO")
-
-# Modes the decoders convert to RGB; counted so a dataset's oddities are visible.
-CONVERTED_MODES = {"CMYK": "cmyk", "L": "grayscale", "LA": "grayscale", "I;16": "grayscale",
-                   "I": "grayscale", "1": "grayscale", "RGBA": "alpha", "P": "palette", "PA": "palette"}
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -59,24 +54,7 @@ def sample_params(width: int, height: int, train: bool, rng: np.random.Generator
     return crop, bool(rng.random() < flip_prob)
 
 
-def pil_decode_transform(data: bytes, image_size: int, crop, flip: bool) -> np.ndarray:
-    """Pillow path: decode, convert to RGB, crop, resize (antialiased bicubic, as the official evaluation
-    transform), flip, normalise.
-
-    Returns float32 [3, S, S]. Raises on undecodable data (the caller counts and skips).
-    """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        # Alpha is dropped, not composited (as DALI's RGB output does).
-        rgb = im.convert("RGB")
-    x, y, w, h = crop
-    if (x, y, w, h) != (0, 0, rgb.width, rgb.height):
-        rgb = rgb.crop((x, y, x + w, y + h))
-    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    if flip:
-        rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    arr = (arr - MEAN) / STD
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> float32 [N, 3, S, S] with mean = std = 0.5 (as the official transform)."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.sub_(MEAN).div_(STD).contiguous()
