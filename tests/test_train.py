@@ -93,7 +93,6 @@ def test_resume_after_signal_is_exact(synth_dir, tmp_path, precision, backend):
 def test_gba_accumulation_matches_one_big_batch(synth_dir, tmp_path):
     """K=2 micro-batches of 8 through GBAAccumulator == one batch of 16 (same samples, same crops):
     the same parameters after 3 steps, to float32 summation order."""
-    pytest.importorskip("m2kernels.distributed.gba")
     big = train(_cfg(synth_dir, tmp_path / "a", batch_size=16, max_steps=3))["model"]
     acc = train(_cfg(synth_dir, tmp_path / "b", batch_size=8, accum_steps=2, max_steps=3))["model"]
     for (name, a), b in zip(big.state_dict().items(), acc.state_dict().values()):
@@ -290,7 +289,6 @@ def _run_spawn(tmp_path, synth_dir, kw):
 def test_two_process_grouped_training(tmp_path, synth_dir):
     """2 gloo processes (file:// rendezvous), grouped loss, GBA accumulation over K=2 micro-batches."""
     accum_steps = 2
-    pytest.importorskip("m2kernels.distributed.gba")
     kw = dict(loss_mode="grouped", max_steps=4, batch_size=8, accum_steps=accum_steps, data_threads=0)
     results = _run_spawn(tmp_path, synth_dir, kw)
     (_, s0, l0, p0), (_, s1, l1, p1) = results
