@@ -36,7 +36,6 @@ PASSES = {"m2-triton": (1, 3), "m2-triton-store": (1, 2), "m2-torch": (1, 3), "m
 # The effective rate counts this many passes for forward + backward, whoever computes the loss: the
 # matmuls the loss needs at the least with recomputation (1 forward, 3 backward).
 EFFECTIVE_PASSES = {"full": 4, "forward": 1, "backward": 3}
-MEMORY_BUDGET = 1 << 30  # m2kernels' default
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,14 +99,15 @@ def make_loss(name: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def memory_model(name: str, b: int, d: int, elem: int) -> float:
+def memory_model(name: str, b: int, d: int, elem: int, device_type: str = "cuda") -> float:
     """Peak bytes above the two input matrices for forward + backward, from what each provider stores.
 
     open_clip: two separate B x B logits matmuls and their two log-softmax outputs are alive at the end of
     the forward (4 B^2 in the input dtype); backward frees them as it produces gradients: 4 B^2 e.
     dense (our reference, upcast=False): the unscaled product kept for the logit-scale gradient, the
     scaled logits, two log-softmax outputs, and one gradient buffer at the backward peak: 5 B^2 e.
-    m2-triton: one G chunk in the input dtype within the memory budget (1 GiB), the fp32 dX and dY
+    m2-triton: one G chunk in the input dtype within the memory budget (m2kernels' default: 1 GiB on
+    CUDA, 256 MiB on the CPU), the fp32 dX and dY
     accumulators and the two gradients in the input dtype (2 B D (4 + e)), O(B) log-sum-exps;
     ``-store`` adds the fp32 dot products (4 B^2) kept from the forward.
     m2-torch: about (12 + e) bytes per element of a row chunk within the budget, plus the same B D terms
@@ -119,12 +119,15 @@ def memory_model(name: str, b: int, d: int, elem: int) -> float:
         return 4.0 * b * b * elem
     if name == "dense":
         return 5.0 * b * b * elem
+    from m2kernels.ops.tiling import default_memory_budget
+
+    budget = default_memory_budget(torch.device(device_type))
     features = 2.0 * b * d * (4 + elem)
     stored = 4.0 * b * b if name.endswith("-store") else 0.0
     if name.startswith("m2-triton"):
-        return min(MEMORY_BUDGET, b * b * elem) + features + stored + 32.0 * b
+        return min(budget, b * b * elem) + features + stored + 32.0 * b
     if name.startswith("m2-torch"):
-        return min(MEMORY_BUDGET, b * b * (12 + elem)) + features + 2.0 * b * d * 4 + stored
+        return min(budget, b * b * (12 + elem)) + features + 2.0 * b * d * 4 + stored
     if name == "inf-cl":
         return 8.0 * b * d * 4
     raise ValueError(name)
@@ -179,7 +182,7 @@ def measure(cfg: dict) -> dict:
     row = dict(cfg)
     row.update(timing)
     row["peak_bytes"] = pm.peak
-    row["model_bytes"] = memory_model(cfg["provider"], b, d, x.element_size())
+    row["model_bytes"] = memory_model(cfg["provider"], b, d, x.element_size(), device.type)
     fwd, bwd = PASSES[cfg["provider"]]
     passes = {"full": fwd + bwd, "forward": fwd, "backward": bwd}[mode]
     row["tflops"] = passes * 2.0 * b * b * d / (timing["median_ms"] * 1e-3) / 1e12
@@ -318,7 +321,8 @@ def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, t
         while True:
             cfg = run_config(prov, device, b, dim, dtype, "full", reps=1, warmup=0)
             input_bytes = 2 * b * dim * elem
-            if memory_model(prov, b, dim, elem) + input_bytes > 1.25 * budget_bytes:
+            model = memory_model(prov, b, dim, elem, torch.device(device).type)
+            if model + input_bytes > 1.25 * budget_bytes:
                 # Not run: far over the budget by the model (on the CPU it could exhaust the machine).
                 r = dict(cfg, error="not run: the memory model predicts more than 1.25x the budget")
             else:
@@ -337,25 +341,17 @@ def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, t
                 note = f"time cap: B={2 * b} would take about {4 * last_time:.0f} s a step"
                 break
             b *= 2
-        model_fit = _model_largest(prov, dim, elem, budget_bytes)
-        results.append(
-            dict(
-                provider=prov,
-                largest_measured=fits,
-                first_failing=fails,
-                note=note,
-                model_largest=model_fit,
-                measurements=measured,
-            )
-        )
+        model_fit = _model_largest(prov, dim, elem, budget_bytes, torch.device(device).type)
+        results.append({"provider": prov, "largest_measured": fits, "first_failing": fails, "note": note,
+                        "model_largest": model_fit, "measurements": measured})
     return results
 
 
-def _model_largest(prov, dim, elem, budget):
+def _model_largest(prov, dim, elem, budget, device_type):
     lo, hi = 1, 1 << 26
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if memory_model(prov, mid, dim, elem) + 2 * mid * dim * elem <= budget:
+        if memory_model(prov, mid, dim, elem, device_type) + 2 * mid * dim * elem <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -462,7 +458,7 @@ def main(argv=None) -> int:
                 for b in batches:
                     for prov in providers:
                         cfg = run_config(prov, device, b, dim, dtype, mode, reps, warmup)
-                        need = memory_model(prov, b, dim, elem) + 2 * b * dim * elem
+                        need = memory_model(prov, b, dim, elem, device.type) + 2 * b * dim * elem
                         if cuda and need > 0.95 * total_mem:
                             r = dict(cfg, error=f"skipped: the memory model predicts {fmt_bytes(need)} "
                                      f"> {fmt_bytes(total_mem)} of GPU memory")

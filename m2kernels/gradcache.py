@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -38,18 +39,19 @@ __all__ = ["GBAAccumulator", "GradCache"]
 _OUTPUT_KEYS = ("image_features", "text_features", "logit_scale", "logit_bias")
 
 
+@dataclass(slots=True)
 class _MicroBatch:
-    __slots__ = ("forward_fn", "args", "kwargs", "image", "text", "cpu_rng", "cuda_rng", "autocast")
+    """What one ``add`` keeps: how to run the forward again, under which random and autocast state,
+    and the embeddings it gave."""
 
-    def __init__(self, forward_fn, args, kwargs, image, text, cpu_rng, cuda_rng, autocast):
-        self.forward_fn = forward_fn
-        self.args = args
-        self.kwargs = kwargs
-        self.image = image
-        self.text = text
-        self.cpu_rng = cpu_rng
-        self.cuda_rng = cuda_rng
-        self.autocast = autocast
+    forward_fn: Callable
+    args: tuple
+    kwargs: dict
+    image: torch.Tensor
+    text: torch.Tensor
+    cpu_rng: torch.Tensor
+    cuda_rng: dict
+    autocast: dict
 
 
 def _tensor_devices(obj, out: set) -> set:

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from m2kernels.ops.tiling import DEFAULT_MEMORY_BUDGET, resolve_backend
+from m2kernels.ops.tiling import default_memory_budget, resolve_backend
 
 FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 STORE_LOGITS = ("auto", True, False)
@@ -91,7 +91,7 @@ def _positive_int(value, name: str, allow_none: bool = True) -> Optional[int]:
     return value
 
 
-def check_options(label_smoothing, chunk_size, memory_budget, store_logits) -> tuple:
+def check_options(label_smoothing, chunk_size, memory_budget, store_logits, device: torch.device) -> tuple:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, torch.SymFloat)):
         raise TypeError(f"label_smoothing must be a float, got {type(label_smoothing).__name__}")
     if not 0.0 <= label_smoothing <= 1.0:  # also False for NaN
@@ -100,7 +100,9 @@ def check_options(label_smoothing, chunk_size, memory_budget, store_logits) -> t
     memory_budget = _positive_int(memory_budget, "memory_budget")
     if not any(store_logits is v for v in STORE_LOGITS):
         raise ValueError(f"store_logits must be 'auto', True or False, got {store_logits!r}")
-    return label_smoothing, chunk_size, DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    if memory_budget is None:
+        memory_budget = default_memory_budget(device)
+    return label_smoothing, chunk_size, memory_budget
 
 
 def loss_inputs(image_features, text_features, logit_scale, logit_bias, *, label_smoothing=0.0,
@@ -111,7 +113,8 @@ def loss_inputs(image_features, text_features, logit_scale, logit_bias, *, label
     x, y = image_features, text_features
     scale = as_scalar_tensor(logit_scale, "logit_scale", x)
     bias = None if logit_bias is None else as_scalar_tensor(logit_bias, "logit_bias", x)
-    eps, chunk_size, budget = check_options(label_smoothing, chunk_size, memory_budget, store_logits)
+    eps, chunk_size, budget = check_options(label_smoothing, chunk_size, memory_budget, store_logits,
+                                            x.device)
     backend = resolve_backend(backend, x.device, x.dtype)
     x = x if x.stride(-1) == 1 or x.numel() == 0 else x.contiguous()
     y = y if y.stride(-1) == 1 or y.numel() == 0 else y.contiguous()

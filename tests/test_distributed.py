@@ -140,50 +140,37 @@ def _world2(rank, world):
     spec.loader.exec_module(oc)
     x_all, y_all, s, offs = make_batch([8, 8], 16, seed=3)
     lo, hi = offs[rank], offs[rank + 1]
-    results = []
-    for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world),
-                 ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world,
-                          backend="torch")):
-        x = x_all[lo:hi].clone().requires_grad_(True)
-        y = y_all[lo:hi].clone().requires_grad_(True)
-        scale = s.clone().requires_grad_(True)
-        loss = impl(x, y, scale)
-        loss.backward()
-        ds = scale.grad.reshape(1).clone()
-        dist.all_reduce(ds)
-        results.append((loss.detach(), x.grad, y.grad, ds))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
-    # open_clip's local_loss=True, gather_with_grad=False: its truncated gradient, per-rank ds included
-    results = []
-    for impl in (oc.ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world),
-                 ClipLoss(local_loss=True, gather_with_grad=False, rank=rank, world_size=world)):
-        x = x_all[lo:hi].clone().requires_grad_(True)
-        y = y_all[lo:hi].clone().requires_grad_(True)
-        scale = s.clone().requires_grad_(True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = impl(x, y, scale)
-        (loss * (1.0 + rank)).backward()
-        results.append((loss.detach(), x.grad, y.grad, scale.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-
-    # open_clip without local_loss: the full loss on every rank, open_clip's gradient scaling, and the
-    # same logit-scale gradient on every rank as open_clip's (compared per rank, not only its mean)
-    for gwg in (True, False):
+    def same_as_open_clip(local_loss, gather_with_grad, upstream=1.0, mean_ds=False):
+        """Loss and gradients of open_clip's ClipLoss and ours with the same arguments, on this rank."""
         results = []
-        for impl in (oc.ClipLoss(local_loss=False, gather_with_grad=gwg, rank=rank, world_size=world),
-                     ClipLoss(local_loss=False, gather_with_grad=gwg, rank=rank, world_size=world)):
+        for impl in (oc.ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                                 world_size=world),
+                     ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank,
+                              world_size=world, backend="torch")):
             x = x_all[lo:hi].clone().requires_grad_(True)
             y = y_all[lo:hi].clone().requires_grad_(True)
             scale = s.clone().requires_grad_(True)
-            loss = impl(x, y, scale)
-            loss.backward()
-            results.append((loss.detach(), x.grad, y.grad, scale.grad.clone()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the truncated-gradient warning
+                loss = impl(x, y, scale)
+            (loss * upstream).backward()
+            ds = scale.grad.reshape(1).clone()
+            if mean_ds:
+                dist.all_reduce(ds)
+            results.append((loss.detach(), x.grad, y.grad, ds))
         for a, b in zip(*results):
             torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+    # local_loss=True, gather_with_grad=True: same loss and feature gradients; the logit-scale gradient
+    # is split over the ranks differently (docs/distributed.md) with the same sum
+    same_as_open_clip(True, True, mean_ds=True)
+    # local_loss=True, gather_with_grad=False: its truncated gradient, per-rank ds included
+    same_as_open_clip(True, False, upstream=1.0 + rank)
+    # without local_loss: the full loss on every rank, open_clip's gradient scaling, and the same
+    # logit-scale gradient on every rank as open_clip's (compared per rank, not only its mean)
+    same_as_open_clip(False, True)
+    same_as_open_clip(False, False)
 
     # mismatched feature sizes / dtypes / bad input on one rank: every rank raises
     x = torch.randn(4, 16 if rank == 0 else 8, dtype=f64)

@@ -9,12 +9,13 @@ native kernels against the c10d/Python path on a real NCCL group where a GPU exi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
+import types
 
 import pytest
 import torch
@@ -26,10 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _toolchain():
-    spec = importlib.util.spec_from_file_location("m2_toolchain", os.path.join(ROOT, "csrc", "toolchain.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """csrc/toolchain.py's functions, as setup.py sees them."""
+    return types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "csrc", "toolchain.py")))
 
 
 def _off(name: str) -> bool:

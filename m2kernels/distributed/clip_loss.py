@@ -395,15 +395,13 @@ def _check_same(rows: list[list[int]]) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.factor, None
+def _scaled_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t`` whose gradient is multiplied by ``factor`` on the way back."""
+    if not t.requires_grad:
+        return t
+    out = t.view_as(t)
+    out.register_hook(lambda g: g * factor)
+    return out
 
 
 _WARNED = set()
@@ -434,8 +432,8 @@ def open_clip_loss(image_features, text_features, logit_scale, logit_bias=None, 
         return distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, mode="global",
                                      group=group, _truncated_gradient=not gather_with_grad, **kwargs)
     if not gather_with_grad and torch.is_tensor(image_features) and torch.is_tensor(text_features):
-        image_features = _ScaleGrad.apply(image_features, 1.0 / world)
-        text_features = _ScaleGrad.apply(text_features, 1.0 / world)
+        image_features = _scaled_grad(image_features, 1.0 / world)
+        text_features = _scaled_grad(text_features, 1.0 / world)
     if torch.is_tensor(logit_scale) and logit_scale.requires_grad:
         logit_scale = C.mean_grad(logit_scale, group)
     share = distributed_clip_loss(image_features, text_features, logit_scale, logit_bias, mode="global",

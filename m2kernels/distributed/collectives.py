@@ -257,32 +257,22 @@ def _zeros_for_none(grads, metas) -> list[torch.Tensor]:
             for g, (shape, dtype, device) in zip(grads, metas)]
 
 
-class _PyAllGather(torch.autograd.Function):
+class _PyCollective(torch.autograd.Function):
+    """The Python path's all-gather / reduce-scatter; each one's backward is the other."""
+
     @staticmethod
-    def forward(ctx, group, *tensors):
-        ctx.group = group
-        out = tuple(_py_all_gather(list(tensors), group))
+    def forward(ctx, kind, group, *tensors):
+        ctx.kind, ctx.group = kind, group
+        run = _py_all_gather if kind == "all_gather" else _py_reduce_scatter
+        out = tuple(run(list(tensors), group))
         ctx.metas = _metas(out)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         grads = _zeros_for_none(grads, ctx.metas)
-        return (None, *reduce_scatter_coalesced(grads, ctx.group, check=False, use_extension=False))
-
-
-class _PyReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, *tensors):
-        ctx.group = group
-        out = tuple(_py_reduce_scatter(list(tensors), group))
-        ctx.metas = _metas(out)
-        return out
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = _zeros_for_none(grads, ctx.metas)
-        return (None, *all_gather_coalesced(grads, ctx.group, check=False, use_extension=False))
+        other = reduce_scatter_coalesced if ctx.kind == "all_gather" else all_gather_coalesced
+        return (None, None, *other(grads, ctx.group, check=False, use_extension=False))
 
 
 # The extension ops' autograd formulas: the same two backward rules, through the compiled ops (so that
@@ -336,7 +326,7 @@ def all_gather_coalesced(tensors: Sequence[torch.Tensor], group=None, *, check: 
     _record("all_gather", sum(t.numel() * t.element_size() for t in tensors), world)
     if using_extension(use_extension):
         return list(torch.ops.m2kernels.all_gather_coalesced(tensors, group.group_name))
-    return list(_PyAllGather.apply(group, *tensors))
+    return list(_PyCollective.apply("all_gather", group, *tensors))
 
 
 def reduce_scatter_coalesced(tensors: Sequence[torch.Tensor], group=None, *, check: Optional[bool] = None,
@@ -362,7 +352,7 @@ def reduce_scatter_coalesced(tensors: Sequence[torch.Tensor], group=None, *, che
         part = [tensors[i] for i in idxs]
         _record("reduce_scatter", sum(t.numel() * t.element_size() for t in part), world)
         reduced = (torch.ops.m2kernels.reduce_scatter_coalesced(part, group.group_name) if ext
-                   else _PyReduceScatter.apply(group, *part))
+                   else _PyCollective.apply("reduce_scatter", group, *part))
         for i, r in zip(idxs, reduced):
             out[i] = r
     return out
@@ -498,36 +488,29 @@ def reduce_scatter_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return reduce_scatter_coalesced([x], group, check=False)[0]
 
 
-class _AllReduce(torch.autograd.Function):
+class _SumOverRanksGrad(torch.autograd.Function):
+    """Backward: the sum over ranks of the gradients (times ``grad_factor``). Forward: the sum over
+    ranks (``all_reduce_with_grad``) or the identity (``mean_grad``)."""
+
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_reduce(x.clone(), group)
+    def forward(ctx, x, group, reduce_forward: bool, grad_factor: float):
+        ctx.group, ctx.factor = group, grad_factor
+        return all_reduce(x.clone(), group) if reduce_forward else x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return all_reduce(grad.clone(), ctx.group), None
+        return all_reduce(grad.clone(), ctx.group) * ctx.factor, None, None, None
 
 
 def all_reduce_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Sum over ranks; backward: the sum over ranks of the upstream gradients."""
-    return _AllReduce.apply(x, _resolve_group(group))
-
-
-class _MeanGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.clone(), ctx.group) / dist.get_world_size(ctx.group), None
+    return _SumOverRanksGrad.apply(x, _resolve_group(group), True, 1.0)
 
 
 def mean_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     """Identity whose gradient is the mean over the ranks of ``group`` of the ranks' gradients."""
-    return _MeanGrad.apply(x, _resolve_group(group))
+    group = _resolve_group(group)
+    return _SumOverRanksGrad.apply(x, group, False, 1.0 / dist.get_world_size(group))
 
 
 class _RingShift(torch.autograd.Function):

@@ -35,8 +35,13 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 BACKENDS = ("auto", "triton", "torch", "reference")
 
 # Temporaries a loss call may hold at once (row chunks of G or of S, partial log-sum-exps), and the
-# largest logits matrix the forward keeps for the backward when ``store_logits="auto"``.
-DEFAULT_MEMORY_BUDGET = 1 << 30
+# largest logits matrix the forward keeps for the backward when ``store_logits="auto"``. On a GPU large
+# chunks keep the matmuls efficient; on the CPU smaller ones stay in cache and keep the footprint low.
+DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+def default_memory_budget(device: torch.device) -> int:
+    return DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
 
 # G is stored in the input dtype for the tensor-core matmuls. fp16 flushes values below 6e-8 to zero,
 # and G's entries are ~1/B: G, normalised to |G| <= 8 by a power of two, is stored times 2^12 (no
@@ -288,7 +293,8 @@ if HAS_TRITON:
     @triton.jit
     def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         """This program's (row block, column block), in groups of GROUP_M row blocks that sweep the
-        columns together, so that a group's rows of X stay in L2 while Y streams past."""
+        columns together, so that a group's rows of X stay in L2 while Y streams past; with the tile's
+        row and column indices and their masks."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -297,7 +303,9 @@ if HAS_TRITON:
         group_rows = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % group_rows
         pid_n = (pid % per_group) // group_rows
-        return pid_m, pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return pid_m, pid_n, offs_m, offs_n, offs_m < M, offs_n < N
 
     @triton.jit
     def score_tile(X, Y, stride_x, stride_y, offs_m, offs_n, mask_m, mask_n, D,
