@@ -49,8 +49,8 @@ def check_scalar(value, name: str) -> None:
 def as_scalar_tensor(value, name: str, like: torch.Tensor) -> torch.Tensor:
     """A Python number or a one-element floating tensor, as a tensor on ``like``'s device."""
     check_scalar(value, name)
-    if not torch.is_tensor(value):
-        return torch.tensor(float(value), device=like.device, dtype=torch.float32)
+    if not torch.is_tensor(value):  # a fill, not a host-to-device copy (which would synchronise)
+        return torch.full((), float(value), device=like.device, dtype=torch.float32)
     if value.device != like.device:
         if value.device.type != "cpu":
             raise ValueError(f"{name} is on {value.device} but the features are on {like.device}")
