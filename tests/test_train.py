@@ -256,6 +256,17 @@ def test_resume_skips_damaged_checkpoints_and_removes_stale_temp_files(synth_dir
         train(_cfg(synth_dir, run, max_steps=5, resume="auto"))
 
 
+def test_resume_with_another_world_size_is_refused(synth_dir, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(synth_dir, run, max_steps=2))
+    path = run / "checkpoint-00000002.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["world_size"] = 2  # as if written by 2 processes: the data split would differ
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1"):
+        train(_cfg(synth_dir, run, max_steps=4, resume="auto"))
+
+
 def test_shipped_configs_parse():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     demo = load_config(os.path.join(root, "configs", "demo_tiny.yaml"))
