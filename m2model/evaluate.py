@@ -62,11 +62,15 @@ __all__ = [
     "encode_images",
     "encode_texts",
     "evaluate_retrieval",
+    "describe_protocol",
+    "load_classification_data",
     "zero_shot_classifier",
     "zero_shot_accuracy",
     "imagenet_classnames",
     "imagenet_templates",
     "load_model",
+    "load_checkpoint",
+    "tokenizer_for",
     "main",
 ]
 
