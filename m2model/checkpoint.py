@@ -17,6 +17,7 @@ import random
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -165,52 +166,165 @@ def model_config_from_train_config(config: dict):
     return get_config(config.get("model", "tiny"), **(config.get("model_overrides") or {}))
 
 
-def load_trained(checkpoint: str, device: str = "cpu"):
-    """(model, tokenizer, training config dict) from a trainer checkpoint or its run folder (the
-    newest intact checkpoint there)."""
-    from .modeling import M2Encoder
-    from .tokenizers import get_tokenizer
+def read_checkpoint(path: str):
+    """``torch.load`` of a checkpoint file on the CPU; ValueError naming the file and saying what it is
+    instead (a text file, a cut archive, ...) when torch cannot load it. The file is unpickled: load only
+    checkpoints you trust."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; a checkpoint file was expected here")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # UnpicklingError, RuntimeError from the zip reader, EOFError, ...
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"PK"):  # torch.save's zip archive: say what is wrong with it
+            why = verify_checkpoint(path) or f"cannot be loaded ({type(e).__name__}: {e})"
+        elif head.startswith(b"\x80"):  # a pickle stream (torch's legacy format)
+            why = f"cannot be loaded ({type(e).__name__}: {e})"
+        else:
+            why = f"not a torch checkpoint (it starts with {head!r}; torch.save writes a zip archive)"
+        raise ValueError(f"{path}: {why}") from None
 
-    if os.path.isdir(checkpoint):
-        path, ckpt, skipped = load_resume_checkpoint("auto", checkpoint)
-        if path is None:
-            raise ValueError(f"no checkpoint-*.pt in {checkpoint}")
-        for p, reason in skipped:
-            print(f"skipped {p}: {reason}", file=sys.stderr)
-    else:
-        ckpt = load_trainer_checkpoint(checkpoint)
-    config = ckpt["config"]
-    model = M2Encoder(model_config_from_train_config(config))
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    tokenizer = get_tokenizer(config.get("tokenizer", "bert-base-chinese"),
-                              context_length=config.get("context_length") or model.cfg.max_text_len)
-    return model, tokenizer, config
+
+def is_trainer_checkpoint(ckpt) -> bool:
+    return isinstance(ckpt, dict) and all(k in ckpt for k in TRAINER_KEYS)
 
 
-def load_model(checkpoint: str, config=None, device="cpu"):
-    """An :class:`M2Encoder` from a state dict of this library (optionally under ``model`` /
-    ``state_dict``; ``config`` required) or from an official checkpoint (recognised by its
-    ``backbone.`` keys and converted strictly)."""
-    from .config import get_config
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` read: the model (in eval mode), the kind of checkpoint (``trainer``,
+    ``state_dict`` or ``official``), the file, and for trainer checkpoints the saved training config."""
+
+    model: torch.nn.Module
+    kind: str
+    path: str
+    train_config: dict | None = None
+
+
+def _config_arg(config):
+    from .config import M2Config, get_config
+
+    if config is None or isinstance(config, M2Config):
+        return config
+    if isinstance(config, str):
+        return get_config(config)
+    raise TypeError(f"config must be a size name or an M2Config, got {type(config).__name__}")
+
+
+def load_checkpoint(checkpoint: str, config=None, device="cpu", dtype=None) -> LoadedCheckpoint:
+    """Load any checkpoint this library reads:
+
+    * a trainer checkpoint, or a run folder (its newest intact checkpoint): the model its saved training
+      config describes (``model`` and ``model_overrides``); ``config``, when given, must describe the same
+      model (ValueError naming the fields that differ);
+    * an official M2-Encoder checkpoint (recognised by its ``backbone.`` keys), converted strictly; its
+      size from ``config`` or, when None, from the checkpoint (:func:`m2model.convert.infer_config`);
+    * a state dict of this library (optionally under ``model`` / ``state_dict``): ``config`` required.
+
+    ``dtype``: of the parameters; None keeps the model's (float32; a 16-bit official file is converted,
+    as the official loader does), ``"checkpoint"`` keeps an official file's stored dtype.
+    """
+    path, ckpt = _read_any(str(checkpoint))
+    return _build(ckpt, path, _config_arg(config), device, dtype)
+
+
+def _read_any(path: str):
+    """(file, loaded object) of a checkpoint file or a run folder (its newest intact checkpoint)."""
+    if not os.path.isdir(path):
+        return path, read_checkpoint(path)
+    found, ckpt, skipped = load_resume_checkpoint("auto", path)
+    if found is None:
+        raise ValueError(f"no checkpoint-*.pt in {path}")
+    for p, reason in skipped:
+        print(f"skipped {p}: {reason}", file=sys.stderr)
+    return found, ckpt
+
+
+def _build(ckpt, path: str, cfg, device, dtype) -> LoadedCheckpoint:
     from .convert import load_official_checkpoint, unwrap_checkpoint
     from .modeling import M2Encoder
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    sd = unwrap_checkpoint(ckpt)
-    if any(k.startswith("backbone.") for k in sd):
-        cfg = get_config(config) if isinstance(config, str) else config
-        model, report = load_official_checkpoint(sd, cfg, strict=True)
-        print(f"converted official checkpoint; dropped {len(report.dropped)} unused tensors", file=sys.stderr)
+    train_config = None
+    if is_trainer_checkpoint(ckpt):
+        kind, train_config = "trainer", ckpt["config"]
+        saved = model_config_from_train_config(train_config)
+        if cfg is not None and cfg != saved:
+            diff = [f"{f}: {getattr(saved, f)!r} saved, {getattr(cfg, f)!r} given"
+                    for f in saved.__dataclass_fields__ if getattr(saved, f) != getattr(cfg, f)]
+            raise ValueError(f"{path} holds its training config (model {train_config.get('model')!r}, "
+                             f"model_overrides {train_config.get('model_overrides') or {}}); the config "
+                             f"given describes another model ({'; '.join(diff)}): leave it out")
+        model = M2Encoder(saved)
+        _load_exact(model, ckpt["model"], path)
     else:
-        if config is None:
-            raise ValueError("--config is required for checkpoints in this library's format")
-        cfg = get_config(config) if isinstance(config, str) else config
-        model = M2Encoder(cfg)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        try:
+            sd = unwrap_checkpoint(ckpt)
+        except TypeError as e:
+            raise ValueError(f"{path}: {e}") from None
+        if any(k.startswith("backbone.") for k in sd):
+            kind = "official"
+            model, report = load_official_checkpoint(ckpt, cfg, strict=True, dtype=dtype)
+            print(f"converted official checkpoint; dropped {len(report.dropped)} unused tensors",
+                  file=sys.stderr)
+        else:
+            kind = "state_dict"
+            if cfg is None:
+                raise ValueError(f"{path} is a bare state dict, which does not say which model it is: "
+                                 f"pass its size (--config)")
+            model = M2Encoder(cfg)
+            _load_exact(model, sd, path)
+    if dtype not in (None, "checkpoint"):
+        model.to(dtype)
+    return LoadedCheckpoint(model.to(device).eval(), kind, path, train_config)
+
+
+def _load_exact(model, sd: dict, path: str) -> None:
+    """load_state_dict (copying into the model's own dtype) with a ValueError naming the file."""
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match M2Encoder({model.cfg}): missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+
+
+def tokenizer_for(loaded: LoadedCheckpoint, name: str | None = None):
+    """The tokenizer to evaluate ``loaded`` with: ``name`` when given, else a trainer checkpoint's own
+    (its saved ``tokenizer`` and ``context_length``), else bert-base-chinese for this library's state
+    dicts. Official checkpoints need their GLM SentencePiece model named (it is not bundled). The
+    tokenizer's vocabulary must match the model's (ValueError otherwise), so that a wrong tokenizer fails
+    here instead of scoring garbage."""
+    from .tokenizers import get_tokenizer, require_vocab_match
+
+    model = loaded.model
+    context = model.cfg.max_text_len
+    if name is None:
+        if loaded.kind == "official":
             raise ValueError(
-                f"checkpoint does not match config {config!r}: missing {missing[:10]}, "
-                f"unexpected {unexpected[:10]}"
-            )
-    return model.to(device).eval()
+                f"{loaded.path} is an official M2-Encoder checkpoint ({model.cfg.vocab_size:,}-entry "
+                f"vocabulary): name its tokenizer, the GLM SentencePiece model sp.model shipped with the "
+                f"official code (--tokenizer path/to/sp.model)")
+        if loaded.kind == "trainer":
+            name = loaded.train_config.get("tokenizer", "bert-base-chinese")
+            context = loaded.train_config.get("context_length") or context
+        else:
+            name = "bert-base-chinese"
+    tokenizer = get_tokenizer(name, context_length=context)
+    require_vocab_match(tokenizer, model.cfg.vocab_size, f"the model of {loaded.path}")
+    return tokenizer
+
+
+def load_trained(checkpoint: str, device: str = "cpu"):
+    """(model, tokenizer, training config dict) from a trainer checkpoint or its run folder (the
+    newest intact checkpoint there)."""
+    path, ckpt = _read_any(str(checkpoint))
+    if not is_trainer_checkpoint(ckpt):
+        missing = [k for k in TRAINER_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        raise ValueError(f"{path}: not a checkpoint written by m2model.train (missing {missing})")
+    loaded = _build(ckpt, path, None, device, None)
+    return loaded.model, tokenizer_for(loaded), loaded.train_config
+
+
+def load_model(checkpoint: str, config=None, device="cpu", dtype=None):
+    """The :class:`M2Encoder` of any checkpoint :func:`load_checkpoint` reads."""
+    return load_checkpoint(checkpoint, config, device, dtype).model

@@ -32,7 +32,7 @@ class M2Config:
     layernorm_eps: float = 1e-5
     dropout: float = 0.0  # attention-probability and residual-branch dropout (training only)
     init_logit_scale: float = 2.6592600369262695  # log(1 / 0.07)
-    max_logit_scale: float = 100.0  # clamp of the exponentiated scale
+    max_logit_scale: float = 100.0  # clamp of the exponentiated scale in training mode (none in eval)
     grad_checkpointing: bool = False
     use_apex_layernorm: bool = True  # apex FusedLayerNorm where `import apex` succeeds
     check_inputs: bool = True  # validate inputs (shapes, dtypes, id range, empty texts); one host sync

@@ -202,8 +202,29 @@ def convert_official_state_dict(
     return out, report
 
 
+# The head counts of the official sizes (``_get_{base,large,huge}_config`` of prj/M2_Encoder, which the
+# released 0.4B / 1B / 10B checkpoints use): keyed by (width, FFN width), since no tensor shape reveals
+# the number of heads.
+_OFFICIAL_HEADS = {"base": 12, "large": 16, "huge": 32}
+_RELEASED_HEADS = {(768, 3072): 12, (1024, 4096): 16, (4096, 16384): 32}
+
+
+def _official_hparams(ckpt) -> dict:
+    """The training config a Lightning checkpoint of the official code saved (``hyper_parameters`` ->
+    ``config``), or {}."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if isinstance(hp, dict) and isinstance(hp.get("config"), dict):
+        return hp["config"]
+    return hp if isinstance(hp, dict) else {}
+
+
 def infer_config(state_dict: dict, **overrides) -> M2Config:
-    """Size of an official checkpoint from its tensors (width, layers, vocabulary, embedding)."""
+    """Size of an official checkpoint from its tensors (width, layers, vocabulary, embedding, image size)
+    and the head count from its saved hyper-parameters (``encoder_attention_heads``, else the official
+    size ``beit_version``), else from the released sizes (width 768 / 1024 / 4096 -> 12 / 16 / 32 heads).
+    Any other checkpoint needs ``heads=`` (ValueError otherwise): a guess would silently build another
+    model."""
+    hparams = _official_hparams(state_dict)
     sd = unwrap_checkpoint(state_dict)
     try:
         vocab, width = sd["backbone.text_embed.weight"].shape
@@ -218,10 +239,8 @@ def infer_config(state_dict: dict, **overrides) -> M2Config:
     )
     n_shared = len({m.group(1) for k in sd if (m := re.match(r"backbone_vl\.layers\.(\d+)\.", k))})
     side = int(round((rows - 3) ** 0.5))
-    heads = {768: 12, 1024: 16, 4096: 32}.get(width, max(1, width // 64))
     fields = dict(
         width=width,
-        heads=heads,
         ffn_dim=ffn,
         num_layers=n_layers,
         num_shared_layers=n_shared,
@@ -230,18 +249,45 @@ def infer_config(state_dict: dict, **overrides) -> M2Config:
         patch_size=patch,
         image_size=side * patch,
     )
+    if isinstance(hparams.get("max_text_len"), int):
+        fields["max_text_len"] = hparams["max_text_len"]
+    if "heads" not in overrides:
+        if isinstance(hparams.get("encoder_attention_heads"), int):
+            fields["heads"] = hparams["encoder_attention_heads"]
+        elif hparams.get("beit_version") in _OFFICIAL_HEADS:
+            fields["heads"] = _OFFICIAL_HEADS[hparams["beit_version"]]
+        elif (width, ffn) in _RELEASED_HEADS:
+            fields["heads"] = _RELEASED_HEADS[(width, ffn)]
+        else:
+            raise ValueError(
+                f"cannot tell the number of attention heads of this checkpoint (width {width}, FFN {ffn}: "
+                f"not a released size, and no saved hyper-parameters): pass heads=... or a config"
+            )
     fields.update(overrides)
     return get_config("base", **fields)
 
 
+def _cast(value: torch.Tensor, dtype) -> torch.Tensor:
+    return value if dtype == "checkpoint" or not value.is_floating_point() else value.to(dtype)
+
+
 def load_official_checkpoint(
-    path_or_state_dict, cfg: M2Config | str | None = None, strict: bool = True, map_location="cpu"
+    path_or_state_dict, cfg: M2Config | str | None = None, strict: bool = True, map_location="cpu",
+    dtype: torch.dtype | str | None = None,
 ):
     """Build an :class:`M2Encoder` and load an official checkpoint into it. Returns (model, report).
 
     ``cfg``: an :class:`M2Config`, a size name ("0.4B", "1B", "10B", ...), or None to infer the size from the
-    tensors. With ``strict`` any missing, unexpected or mis-shaped key raises ValueError with the report.
+    checkpoint (:func:`infer_config`). With ``strict`` any missing, unexpected or mis-shaped key raises
+    ValueError with the report. ``dtype``: of the parameters; None is the model's (torch's default dtype,
+    float32), as the official loader, which copies the stored tensors into a float32 model; ``"checkpoint"``
+    keeps the stored dtype (half the memory for a 16-bit file).
     """
+    floating = isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    if dtype is not None and dtype != "checkpoint" and not floating:
+        raise ValueError(f"dtype must be None, 'checkpoint' or a floating torch.dtype, got {dtype!r}")
+    if dtype is None:
+        dtype = torch.get_default_dtype()
     if isinstance(path_or_state_dict, dict):
         sd = path_or_state_dict
     else:
@@ -255,9 +301,14 @@ def load_official_checkpoint(
     new_sd, report = convert_official_state_dict(sd, cfg, target=model.state_dict())
     if strict and not report.ok:
         raise ValueError(f"official checkpoint does not match M2Encoder({cfg}):\n{report}")
+    new_sd = {k: _cast(v, dtype) for k, v in new_sd.items()}
     if report.missing or report.mismatched:
         model = M2Encoder(cfg)  # freshly initialised weights where the checkpoint has none
+        if dtype != "checkpoint":
+            model.to(dtype)
         model.load_state_dict(new_sd, strict=False)
     else:
+        # assign: the converted tensors become the parameters (no second copy of a 10B model); they were
+        # cast above, so the model has the requested dtype, not whatever the file stored
         model.load_state_dict(new_sd, strict=True, assign=True)
     return model, report

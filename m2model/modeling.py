@@ -125,7 +125,8 @@ class M2Encoder(nn.Module):
     ``encode_image(images)``: float [N, 3, S, S], normalised with mean = std = 0.5 -> [N, embed_dim].
     ``encode_text(input_ids, attention_mask)``: [N, L] ids, mask 1 = token, 0 = pad -> [N, embed_dim].
     Both embeddings have unit L2 norm.
-    ``forward(images, input_ids, attention_mask)`` -> (image_embeds, text_embeds, logit_scale.exp() <= 100).
+    ``forward(images, input_ids, attention_mask)`` -> (image_embeds, text_embeds, logit_scale.exp()), the
+    scale clamped to ``cfg.max_logit_scale`` (100) in training mode only.
     """
 
     def __init__(self, cfg: M2Config):
@@ -227,7 +228,11 @@ class M2Encoder(nn.Module):
     ):
         image_embeds = self.encode_image(images)
         text_embeds = self.encode_text(input_ids, attention_mask)
-        return image_embeds, text_embeds, self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        scale = self.logit_scale.exp()
+        if self.training:  # the CLIP / open_clip bound on the temperature, a training-time measure
+            scale = scale.clamp(max=self.cfg.max_logit_scale)
+        # in eval mode unclamped, as the official inference (logit_scale.exp() * img @ txt.T)
+        return image_embeds, text_embeds, scale
 
     # ------------------------------------------------------------------ input checks
     def _check_images(self, images: torch.Tensor) -> None:

@@ -9,10 +9,11 @@ the mask is 1 on tokens (including [CLS] and [END]) and 0 on padding.
   ``[CLS] ... <|endoftext|>``, padding uses ``<|endoftext|>``, 52 positions, and over-long texts are
   truncated on the LEFT (the start of the text is dropped, the end kept).
 * :class:`BertTokenizer` (the default, ``"bert-base-chinese"``) is the Hugging Face ``tokenizers``
-  (Rust) ``BertWordPieceTokenizer`` over the bert-base-chinese vocabulary (21,128 entries) that ships
-  inside the ``cn-clip`` wheel, configured as Chinese-CLIP's tokenizer for Chinese and English alike:
-  lower-casing, accent stripping, one token per CJK character, punctuation split, greedy longest-match
-  WordPiece, words of more than 200 characters -> ``[UNK]`` (tested to give cn-clip's ids). Sequence
+  (Rust) WordPiece pipeline of ``BertWordPieceTokenizer`` over the bert-base-chinese vocabulary (21,128
+  entries) that ships inside the ``cn-clip`` wheel, configured as Chinese-CLIP's tokenizer for Chinese
+  and English alike: lower-casing, accent stripping, one token per CJK character, punctuation split,
+  greedy longest-match WordPiece, words of more than 200 characters -> ``[UNK]``, and special-token
+  strings written in a text read as plain characters (tested to give cn-clip's ids). Sequence
   ``[CLS] ... [SEP]``, pad id 0, truncation on the RIGHT (the end of the text is dropped), as in
   Chinese-CLIP.
 
@@ -24,12 +25,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["Tokenizer", "BertTokenizer", "GLMTokenizer", "get_tokenizer", "bundled_bert_vocab_path"]
+from .config import BERT_CHINESE_VOCAB_SIZE, OFFICIAL_VOCAB_SIZE
+
+__all__ = [
+    "Tokenizer", "BertTokenizer", "GLMTokenizer", "get_tokenizer", "bundled_bert_vocab_path",
+    "require_vocab_match",
+]
 
 
 class Tokenizer:
@@ -110,7 +117,8 @@ class BertTokenizer(Tokenizer):
         max_chars_per_word: int = 200,  # Chinese-CLIP's WordpieceTokenizer limit
     ):
         super().__init__(context_length)
-        from tokenizers import BertWordPieceTokenizer
+        from tokenizers import Tokenizer as RustTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers
 
         path = Path(vocab_file) if vocab_file is not None else bundled_bert_vocab_path()
         with open(path, encoding="utf-8") as f:
@@ -122,9 +130,15 @@ class BertTokenizer(Tokenizer):
         self.vocab, self.inv_vocab, self.vocab_size = vocab, tokens, len(tokens)
         self.cls_id, self.end_id = vocab["[CLS]"], vocab["[SEP]"]
         self.pad_id, self.unk_id = vocab["[PAD]"], vocab["[UNK]"]
-        self._tok = BertWordPieceTokenizer(str(path), lowercase=True, strip_accents=True, clean_text=True,
-                                           handle_chinese_chars=True)
-        self._tok._tokenizer.model.max_input_chars_per_word = max_chars_per_word
+        # BertWordPieceTokenizer's pipeline, but without registering [CLS], [SEP], ... as added tokens: those
+        # would be matched inside a text ("a [CLS] b" -> 101), where Chinese-CLIP's tokenizer reads plain
+        # characters ("[", "cl", "##s", "]")
+        self._tok = RustTokenizer(models.WordPiece(vocab, unk_token="[UNK]",
+                                                   max_input_chars_per_word=max_chars_per_word))
+        self._tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                          strip_accents=True, lowercase=True)
+        self._tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tok.decoder = decoders.WordPiece(prefix="##")
 
     def encode_one(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -175,10 +189,15 @@ def _decode_whitespaces(text: str) -> str:
 class GLMTokenizer(Tokenizer):
     """The official M2-Encoder tokenizer: the GLM SentencePiece model (``sp.model``).
 
-    Special tokens ``[CLS]``, ``<|endoftext|>`` (end and pad), ``[UNK]`` are looked up as pieces of the
-    model. A special token that is not a piece gets an id after the SentencePiece vocabulary in the order
-    the official (Hugging Face) tokenizer registers added tokens: ``<|endoftext|>``, ``[UNK]``, ``[CLS]``,
-    ``[MASK]``. ``special_ids`` overrides any of them, e.g. ``{"[CLS]": 50002}``.
+    Special tokens ``[CLS]``, ``<|endoftext|>`` (end and pad), ``[MASK]``, ``[UNK]`` are looked up as
+    pieces of the model. One that is not a piece gets an id after the SentencePiece vocabulary in the order
+    the official (Hugging Face) tokenizer registers added tokens: ``<|endoftext|>``, ``[CLS]``,
+    ``[MASK]``; ``[UNK]`` is then the model's own unknown piece. ``special_ids`` overrides any of them,
+    e.g. ``{"[CLS]": 50002}``.
+
+    These four strings written in a text are special tokens there too (``"a [CLS] b"`` -> ``a``,
+    ``[CLS]``, ``b``, the spaces beside them dropped), as the official tokenizer splits them out; tested
+    against its ids.
     """
 
     truncation_side = "left"
@@ -207,25 +226,54 @@ class GLMTokenizer(Tokenizer):
         ids, extra = {}, n
         for tok in self.SPECIAL_ORDER:
             pid = self.sp.piece_to_id(tok)
-            if pid != self.sp.unk_id() or self.sp.id_to_piece(pid) == tok:
-                ids[tok] = pid
+            if pid != self.sp.unk_id() or self.sp.id_to_piece(pid) == tok or tok == "[UNK]":
+                ids[tok] = pid  # [UNK] is never added: without a piece of its own it is the model's unk
             else:
                 ids[tok] = extra
                 extra += 1
         ids.update(special_ids or {})
         self.special_ids = ids
+        self._special_re = re.compile("(" + "|".join(re.escape(t) for t in self.SPECIAL_ORDER) + ")")
         self.cls_id, self.end_id = ids["[CLS]"], ids["<|endoftext|>"]
         self.pad_id = self.end_id
         self.vocab_size = max(extra, max(ids.values()) + 1)
 
     def encode_one(self, text: str) -> list[int]:
-        return list(self.sp.encode(_encode_whitespaces(text), out_type=int))
+        # As the official tokenizer (a transformers 4.17 PreTrainedTokenizer): a special-token string in
+        # the text is that token, the whitespace on both sides of it is dropped, and every stretch between
+        # them is encoded on its own (so each gets SentencePiece's word-start marker).
+        parts = self._special_re.split(text)
+        for i in range(1, len(parts), 2):  # odd positions hold the special tokens
+            parts[i - 1] = parts[i - 1].rstrip()
+            parts[i + 1] = parts[i + 1].lstrip()
+        ids = []
+        for i, part in enumerate(parts):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self.sp.encode(_encode_whitespaces(part), out_type=int))
+        return ids
 
     def decode(self, ids) -> str:
         n = self.sp.get_piece_size()
         special = set(self.special_ids.values())
         body = [int(i) for i in ids if int(i) not in special and 0 <= int(i) < n]
         return _decode_whitespaces(self.sp.decode(body))
+
+
+def require_vocab_match(tokenizer: Tokenizer, vocab_size: int, what: str = "the model") -> None:
+    """ValueError unless ``tokenizer`` has exactly ``vocab_size`` ids: a tokenizer of another vocabulary
+    (the default bert-base-chinese, 21,128 entries, against a released checkpoint's 115,244 GLM pieces)
+    runs without error and gives meaningless embeddings."""
+    if tokenizer.vocab_size == vocab_size:
+        return
+    hint = ""
+    if vocab_size == OFFICIAL_VOCAB_SIZE:
+        hint = ": it is the official GLM vocabulary, use the GLM SentencePiece model (sp.model)"
+    elif vocab_size == BERT_CHINESE_VOCAB_SIZE:
+        hint = ": it is the bert-base-chinese vocabulary, use the tokenizer 'bert-base-chinese'"
+    raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has {tokenizer.vocab_size:,} ids but "
+                     f"{what} has a {vocab_size:,}-entry vocabulary{hint}")
 
 
 def get_tokenizer(

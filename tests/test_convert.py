@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from m2model.checkpoint import load_model
 from m2model.config import get_config
 from m2model.convert import convert_official_state_dict, infer_config, load_official_checkpoint
 
@@ -192,7 +193,7 @@ def test_wrapped_checkpoints_and_file_loading(tmp_path):
     torch.testing.assert_close(
         model.text_pos_embed[0], sd["backbone.encoder.embed_positions.B.weight"][2 : 2 + CFG.max_text_len]
     )
-    # the size can be read from the tensors
+    # the size can be read from the tensors (the head count is given: width 64 is no released size)
     cfg = infer_config(sd, heads=CFG.heads, max_text_len=CFG.max_text_len)
     assert (
         cfg.width,
@@ -239,3 +240,46 @@ def test_strict_reports_missing_unexpected_and_mismatched():
         )
     with pytest.raises(ValueError, match="not an official M2-Encoder checkpoint"):
         infer_config({"foo": torch.zeros(1)})
+
+
+def test_head_count_is_read_from_the_checkpoint_or_required():
+    sd = official_state_dict(CFG, seed=3)  # width 64 with 4 heads: no tensor shape tells the heads
+    with pytest.raises(ValueError, match=r"number of attention heads .*width 64.*heads="):
+        infer_config(sd)
+    with pytest.raises(ValueError, match="heads="):
+        load_official_checkpoint(sd, None)
+    # a Lightning checkpoint of the official code saves its config: the head count is read from it
+    hparams = {"config": {"encoder_attention_heads": 4, "max_text_len": 12}}
+    saved = {"state_dict": sd, "hyper_parameters": hparams}
+    cfg = infer_config(saved)
+    assert (cfg.heads, cfg.max_text_len) == (4, 12)
+    model, report = load_official_checkpoint(saved, None)
+    assert report.ok and model.cfg.heads == 4
+    ids = torch.randint(0, CFG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 4 heads, as the official forward pass: not a 1-head model
+        want = official_infer(sd, CFG, ids=ids, mask=torch.ones_like(ids))
+        torch.testing.assert_close(model.encode_text(ids), want, atol=2e-5, rtol=1e-4)
+    assert infer_config({**saved, "hyper_parameters": {"config": {"beit_version": "large"}}}).heads == 16
+    # the released sizes: the official configs' head counts
+    with torch.device("meta"):
+        base = official_state_dict(get_config("base", num_layers=1, num_shared_layers=1), seed=0)
+    assert infer_config(base).heads == 12
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+def test_sixteen_bit_checkpoints_load_into_float32_unless_asked(tmp_path, stored):
+    sd = {k: v.to(stored) for k, v in official_state_dict(CFG, seed=4).items()}
+    model, report = load_official_checkpoint(sd, CFG)
+    assert report.ok and {p.dtype for p in model.parameters()} == {torch.float32}
+    # the values are the stored ones, widened exactly
+    assert torch.equal(model.token_embed.weight, sd["backbone.text_embed.weight"].float())
+    kept, _ = load_official_checkpoint(sd, CFG, dtype="checkpoint")
+    assert {p.dtype for p in kept.parameters()} == {stored}
+    half, _ = load_official_checkpoint(sd, CFG, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype"):
+        load_official_checkpoint(sd, CFG, dtype=torch.int8)
+    # the evaluation loader too
+    path = tmp_path / "half.ckpt"
+    torch.save({"state_dict": sd}, path)
+    assert {p.dtype for p in load_model(str(path), CFG).parameters()} == {torch.float32}

@@ -64,7 +64,10 @@ def test_shapes_dtypes_norms_and_logit_scale():
     assert scale.ndim == 0 and math.isclose(scale.item(), 1 / 0.07, rel_tol=1e-5)  # already exponentiated
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
-    assert model(images, ids, mask)[2].item() == 100.0  # clamped
+        # in training clamped to 100 (open_clip's bound); at inference the released scale as it is, as the
+        # official code computes logit_scale.exp() * img @ txt.T
+        assert model.train()(images, ids, mask)[2].item() == 100.0
+        assert math.isclose(model.eval()(images, ids, mask)[2].item(), math.exp(10.0), rel_tol=1e-6)
     # encoders agree with forward, texts default to an all-ones mask
     torch.testing.assert_close(model.encode_text(ids[1:]), model.encode_text(ids[1:], mask[1:]))
     # different images/texts get different embeddings

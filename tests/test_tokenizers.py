@@ -4,7 +4,13 @@ import random
 import pytest
 import torch
 
-from m2model.tokenizers import BertTokenizer, GLMTokenizer, bundled_bert_vocab_path, get_tokenizer
+from m2model.tokenizers import (
+    BertTokenizer,
+    GLMTokenizer,
+    bundled_bert_vocab_path,
+    get_tokenizer,
+    require_vocab_match,
+)
 
 MIXED = [
     "一只猫坐在垫子上。A cat sits on the mat!",
@@ -29,7 +35,9 @@ def test_bert_matches_chinese_clip_reference_tokenizer(bert):
     # words of 150 and 250 characters: cn-clip gives [UNK] only past 200
     fixed = [*MIXED, "unaffable tokenization 😀 ☃", "\tTabs\nand\r\nnewlines ", "", "a" * 150, "b" * 250,
              "x\u0000y\ufffdz", "ＡＢＣ１２３ full-width", "日本語のテキスト 한국어 текст",
-             "\u200bzero\u00adsoft"]
+             "\u200bzero\u00adsoft",
+             # special-token strings in a text are plain characters to cn-clip (not [CLS] = 101)
+             "a [CLS] b [SEP]", "x[MASK]y [PAD] [UNK]", "<|endoftext|>"]
     rng = random.Random(0)
     alphabet = [chr(c) for c in [*range(32, 0x250), *range(0x3000, 0x3040), *range(0x4E00, 0x4E80),
                                  *range(0x1F300, 0x1F340), 0x200B, 0xAD, 0xFEFF, 0xA0]]
@@ -135,6 +143,30 @@ def test_glm_sentencepiece_conventions(sp_model):
     assert tok.decode(body) == spaced
 
 
+def test_glm_special_token_strings_in_text_are_split_out_as_the_official_tokenizer_does(sp_model):
+    """transformers' PreTrainedTokenizer (4.17, the official requirement) splits the special-token
+    strings out of a text, drops the whitespace beside them and encodes every stretch between them on its
+    own (each with SentencePiece's word-start marker)."""
+    tok = GLMTokenizer(sp_model)
+    enc = tok.sp.encode
+    cls, end, mask, unk = (tok.special_ids[t] for t in ("[CLS]", "<|endoftext|>", "[MASK]", "[UNK]"))
+    cases = {
+        "a cat [CLS] two dogs": [*enc("a cat"), cls, *enc("two dogs")],
+        "photo<|endoftext|>cat": [*enc("photo"), end, *enc("cat")],  # "cat" starts a new stretch
+        "  [MASK]   the cat  ": [mask, *enc("the cat"), tok.sp.piece_to_id("<|blank_2|>")],
+        "[CLS][CLS] [UNK]": [cls, cls, unk],
+        "两只  狗 [MASK]": [*enc("两只<|blank_2|>狗"), mask],  # runs of spaces are still blank pieces
+        "[cls] [SEP] <|endoftext|": enc("[cls] [SEP] <|endoftext|"),  # not special tokens: plain text
+    }
+    for text, want in cases.items():
+        assert tok.encode_one(text) == want, text
+    assert "▁" in tok.sp.id_to_piece(enc("cat")[0])  # the stretch after <|endoftext|> got the marker
+    assert enc("photo<|endoftext|>cat") != cases["photo<|endoftext|>cat"]  # what one encode call gives
+    ids, mask_ = tok(["a cat [CLS] two dogs"])
+    n = int(mask_[0].sum())
+    assert ids[0, :n].tolist() == [cls, *cases["a cat [CLS] two dogs"], end]
+
+
 def test_glm_truncates_on_the_left_and_handles_empty(sp_model):
     tok = GLMTokenizer(sp_model, context_length=8)
     text = " ".join(MIXED)
@@ -161,12 +193,21 @@ def test_glm_special_tokens_missing_from_the_model_get_appended_ids(tmp_path):
     )
     tok = GLMTokenizer(tmp_path / "m.model")
     n = tok.sp.get_piece_size()
-    # no special token is a piece: ids after the vocabulary in registration order
-    assert tok.special_ids == {"<|endoftext|>": n, "[UNK]": n + 1, "[CLS]": n + 2, "[MASK]": n + 3}
-    assert tok.end_id == tok.pad_id == n and tok.cls_id == n + 2 and tok.vocab_size == n + 4
+    # no special token is a piece: ids after the vocabulary in the official registration order, except
+    # [UNK], which the official tokenizer never adds (it is the model's own unknown piece then)
+    assert tok.special_ids == {"<|endoftext|>": n, "[UNK]": tok.sp.unk_id(), "[CLS]": n + 1, "[MASK]": n + 2}
+    assert tok.end_id == tok.pad_id == n and tok.cls_id == n + 1 and tok.vocab_size == n + 3
     tok2 = GLMTokenizer(tmp_path / "m.model", special_ids={"[CLS]": 5})
     assert tok2.cls_id == 5
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a readable SentencePiece model"):
         GLMTokenizer(bad)
+
+
+def test_vocabulary_sizes_must_match(bert):
+    require_vocab_match(bert, 21128)
+    with pytest.raises(ValueError, match=r"21,128 ids .* 115,244-entry vocabulary: .*GLM .*sp.model"):
+        require_vocab_match(bert, 115244)
+    with pytest.raises(ValueError, match=r"21,128 ids .* 21,129-entry"):
+        require_vocab_match(bert, 21129)

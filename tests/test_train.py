@@ -170,6 +170,12 @@ def test_every_key_is_validated_before_anything_loads(key, value, message):
         parse_args(["--train_jsonl", "does-not-exist.jsonl", f"--{key}", value])
 
 
+def test_tokenizer_and_model_vocabulary_must_match(synth_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"config key 'tokenizer': .*21,128 ids .*21,000-entry vocabulary"):
+        train(_cfg(synth_dir, tmp_path, model_overrides={**TINY, "vocab_size": 21000}))
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step
+
+
 def test_null_on_the_command_line_is_kept(synth_dir, tmp_path):
     """``--grad_clip null`` (documented as off) must reach the config, not be dropped for the default."""
     cfg = parse_args(["--train_jsonl", str(synth_dir / "train.jsonl"), "--grad_clip", "null",
@@ -248,6 +254,17 @@ def test_resume_skips_damaged_checkpoints_and_removes_stale_temp_files(synth_dir
         f.write_bytes(b"junk")
     with pytest.raises(ValueError, match="no intact checkpoint"):
         train(_cfg(synth_dir, run, max_steps=5, resume="auto"))
+
+
+def test_resume_with_another_world_size_is_refused(synth_dir, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(synth_dir, run, max_steps=2))
+    path = run / "checkpoint-00000002.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["world_size"] = 2  # as if written by 2 processes: the data split would differ
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1"):
+        train(_cfg(synth_dir, run, max_steps=4, resume="auto"))
 
 
 def test_shipped_configs_parse():

@@ -89,8 +89,9 @@ class Record:
         return f"{self.path} ({self.key})" if self.in_shard else self.path
 
 
-def clean_captions(captions) -> tuple[str, ...]:
-    """Accept a string or a list of strings; drop empty and whitespace-only entries, strip the rest."""
+def clean_captions(captions, strip: bool = True) -> tuple[str, ...]:
+    """Accept a string or a list of strings; drop empty and whitespace-only entries, strip the rest
+    (``strip=False``: keep every entry exactly as written)."""
     if captions is None:
         return ()
     if isinstance(captions, str):
@@ -99,12 +100,15 @@ def clean_captions(captions) -> tuple[str, ...]:
         raise TypeError(f"caption must be a string or a list of strings, got {type(captions).__name__}")
     if not all(isinstance(c, str) for c in captions):
         raise TypeError("caption must be a string or a list of strings")
+    if not strip:
+        return tuple(captions)
     return tuple(c.strip() for c in captions if c.strip())
 
 
 def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
                require_caption: bool = False, require_label: bool = False, stats: DataStats | None = None,
-               problems: Problems | None = None) -> list[Record]:
+               problems: Problems | None = None, strip_captions: bool = True,
+               label_names: list[str] | None = None) -> list[Record]:
     """Records of a jsonl file, one ``{"image": rel_path, "caption": str | [str, ...]}`` object a line
     (``captions`` is accepted too, and an optional ``label``: int or class name).
 
@@ -112,12 +116,15 @@ def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
     object is a ValueError naming ``path:line`` when ``strict``, else skipped and counted as ``bad_line``
     in ``stats`` (with the message in ``problems``). ``require_caption`` / ``require_label`` make a line
     without a non-empty caption / without a label bad as well; otherwise records keep empty caption lists,
-    which the index check counts as ``empty_caption``.
+    which the index check counts as ``empty_caption``. ``strip_captions=False`` keeps captions exactly as
+    written (a benchmark scored by its own script's rules). With ``label_names``, a label must be one of
+    those names (replaced by its index) or an index into them, checked line by line like the rest.
     """
     root = image_root if image_root is not None else os.path.dirname(os.path.abspath(path))
     stats = stats if stats is not None else DataStats()
     problems = problems if problems is not None else Problems()
     records = []
+    name_index = {c: i for i, c in enumerate(label_names or [])}
 
     def bad(lineno: int, why: str) -> None:
         message = f"{path}:{lineno}: {why}"
@@ -150,11 +157,11 @@ def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
                 bad(lineno, 'expected an object with an "image" path string')
                 continue
             try:
-                caps = clean_captions(obj.get("caption", obj.get("captions")))
+                caps = clean_captions(obj.get("caption", obj.get("captions")), strip_captions)
             except TypeError as e:
                 bad(lineno, str(e))
                 continue
-            if require_caption and not caps:
+            if require_caption and not any(c.strip() for c in caps):
                 bad(lineno, '"caption" must hold at least one non-empty string')
                 continue
             label = obj.get("label")
@@ -164,6 +171,15 @@ def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
             if require_label and label is None:
                 bad(lineno, 'expected a "label" (int or class name)')
                 continue
+            if label_names is not None and label is not None:
+                if isinstance(label, str):
+                    if label not in name_index:
+                        bad(lineno, f'"label" {label!r} is not one of the {len(label_names)} class names')
+                        continue
+                    label = name_index[label]
+                elif not 0 <= label < len(label_names):
+                    bad(lineno, f'"label" {label} is outside [0, {len(label_names)}) (the class names)')
+                    continue
             records.append(Record(key=obj["image"], path=os.path.join(root, obj["image"]), captions=caps,
                                   label=label))
     return records

@@ -110,7 +110,7 @@ def _train(cfg: TrainConfig, env: Env, on_step) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from m2model.data import ImageTextLoader, build_index
-    from m2model.tokenizers import get_tokenizer
+    from m2model.tokenizers import get_tokenizer, require_vocab_match
 
     device = env.device
     ckpt_path, ckpt, skipped = _resume(cfg, env)
@@ -120,6 +120,10 @@ def _train(cfg: TrainConfig, env: Env, on_step) -> dict:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
     tokenizer = get_tokenizer(cfg.tokenizer, context_length=cfg.context_length or model.cfg.max_text_len)
+    try:  # a model trained on another tokenizer's ids cannot be evaluated with its own (evaluation checks)
+        require_vocab_match(tokenizer, model.cfg.vocab_size, f"the model ({cfg.model!r} + model_overrides)")
+    except ValueError as e:
+        raise ValueError(f"config key 'tokenizer': {e}; or set model_overrides.vocab_size") from None
     index = build_index(cfg.train_jsonl, cfg.train_shards, cfg.image_root)
     loader = ImageTextLoader(index, tokenizer, model.cfg.image_size, cfg.batch_size, train=True,
                              seed=cfg.seed, shard_id=env.rank, num_shards=env.world_size,
