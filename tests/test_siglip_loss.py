@@ -312,7 +312,7 @@ def test_memory_budget_sizes_the_chunks():
     assert memory_budget_for(torch.device("cpu"), 123) == 123
     x, y, s, t = make_inputs(100, 8)
     xx = x.clone().requires_grad_(True)
-    with tiling.PassCounter() as fwd:  # 16 bytes per fp32 element with G: 1600 B per row
+    with tiling.PassCounter() as fwd:  # 16 bytes per fp32 element with G: 1600 B per row of 100
         siglip_loss(xx, y, s, t, backend="torch", memory_budget=1600 * 30)
     assert [m for kind, m, _ in fwd.calls if kind == "recompute"] == [30, 30, 30, 10]
 

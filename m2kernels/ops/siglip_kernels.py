@@ -1,26 +1,28 @@
 """Triton kernel of the sigmoid (SigLIP) loss and its launcher.
 
 One kernel, one program per BLOCK_M x BLOCK_N tile in grouped order: a tile of the dot products
-(``tiling.score_tile``), then in registers ``z = s dots + t``, the label ``l = +1`` where column
-j is row i's positive (``j = i + diag_offset``) and -1 elsewhere, and with ``u = -l z``
+(``tiling.score_tile``), then in registers ``z = s dots + t``, the label ``l = +1`` where column j is
+row i's positive (``j = i + diag_offset``) and -1 elsewhere, and with ``u = -l z``
 
 * the tile's sum of ``softplus(u) = -logsigmoid(l z)`` (``WANT_LOSS``), and
 * the loss gradient with unit weight ``G = d softplus(-l z) / dz = -l sigmoid(u)``, written in the
   input dtype times ``G_SCALE`` for the matmuls ``G Y`` and ``G^T X`` that cuBLAS runs after it, with
-  the tile's sums of ``G dots`` (the scale gradient) and of ``G`` (the bias gradient) from the fp32
-  values (``WRITE_G``).
+  the tile's sum of G (the bias gradient) from the fp32 values (``WRITE_G``). The scale gradient
+  ``sum G_ij <x_i, y_j> = sum_i <x_i, (G Y)_i>`` is taken from the first matmul's result: the tile's
+  dot products then die with z, which keeps the fused epilogue within the registers (no spills).
 
 Both switches on is the forward of a call that needs gradients (SigLIP has no normaliser, so G is
 known in the same pass as the loss); ``WANT_LOSS`` alone is a forward without gradients (or a ring
-step), ``WRITE_G`` alone a ring backward step. Per-tile partials (loss, ds, dt) are summed by the
+step), ``WRITE_G`` alone a ring backward step. Per-tile partials (loss, dt) are summed by the
 launcher: no atomics, deterministic.
 
-Numerics: one exponential e = exp(-|u|) per element serves both the sigmoid and the softplus;
-log1p(e) is evaluated as ``log(1 + e) * e / ((1 + e) - 1)`` (exact to fp32 rounding for tiny e, where
-``log(1 + e)`` would round to 0): the B^2 - B negatives of a well-trained model each add ~e^-10 to the
-loss, and their sum is not negligible. |G| <= 1, so its fp16 storage needs no normalisation.
+Numerics: padding is set to u = -inf (softplus and sigmoid give exactly 0). One exponential
+e = exp(-|u|) and one reciprocal 1 / (1 + e) per element serve the sigmoid and the softplus; log1p(e)
+is ``log(1 + e) - ((1 + e) - 1 - e) / (1 + e)`` with 1 + e rounded (exact to fp32 rounding also for tiny
+e, where ``log(1 + e)`` rounds to 0): the B^2 - B negatives of a trained model each add ~e^-10 and less
+to the loss, and their sum matters. |G| <= 1, so its fp16 storage needs no normalisation.
 
-Bytes per S element: 0 for the loss (partials are 12 / (BLOCK_M BLOCK_N) bytes); 2 written for G in
+Bytes per S element: 0 for the loss (partials are 8 / (BLOCK_M BLOCK_N) bytes); 2 written for G in
 16 bits, then 2 + 2 read by the two matmuls.
 """
 
@@ -46,6 +48,13 @@ if HAS_TRITON:
     from m2kernels.ops.tiling import score_tile, tile_ids
 
     @triton.jit
+    def _log1p(e, one_p, inv):
+        """log1p(e) from e, its rounded ``one_p = 1 + e`` and ``inv = 1 / one_p``: log(1 + e) corrected
+        for the rounding of 1 + e, exact to fp32 rounding also for tiny e (where log(1 + e) rounds to
+        0). No log1p instruction, and no division beyond the sigmoid's."""
+        return tl.log(one_p) - ((one_p - 1.0) - e) * inv
+
+    @triton.jit
     def _siglip_kernel(
         X, Y, SCALE, BIAS, G, PARTS,
         M, N, D, stride_x, stride_y, stride_g, stride_parts, diag_offset, M_BUCKET, N_BUCKET,
@@ -63,30 +72,27 @@ if HAS_TRITON:
         dots = score_tile(X, Y, stride_x, stride_y, offs_m, offs_n, mask_m, mask_n, D,
                           BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION)
         z = dots * tl.load(SCALE).to(tl.float32) + tl.load(BIAS).to(tl.float32)
-        # Only the tiles the diagonal crosses compare indices (both sign flips below).
-        first = pid_m * BLOCK_M + diag_offset
-        crossed = (first < pid_n * BLOCK_N + BLOCK_N) & (first + BLOCK_M > pid_n * BLOCK_N)
-        u = z  # -l z: z for the negatives
-        if HAS_DIAG:
-            if crossed:
-                u = tl.where(offs_n[None, :] == (offs_m + diag_offset)[:, None], -z, z)
+        if HAS_DIAG:  # u = -l z: -z for row i's positive, z for the negatives
+            pos = offs_n[None, :] == (offs_m + diag_offset)[:, None]
+            u = tl.where(pos, -z, z)
+        else:
+            u = z
+        # Padding contributes exactly 0 to every sum (softplus(-inf) = sigmoid(-inf) = 0): one mask.
+        u = tl.where(valid, u, float("-inf"))
         e = tl.exp(-tl.abs(u))
         one_p = 1.0 + e
+        inv = 1.0 / one_p
+        # This order (the loss's reduction, then G) keeps the fused epilogue within the registers.
         if WANT_LOSS:
-            exact = one_p == 1.0  # e below fp32's rounding of 1 + e: log1p(e) = e
-            log1p_e = tl.where(exact, e, tl.log(one_p) * (e / tl.where(exact, 1.0, one_p - 1.0)))
-            softplus = tl.maximum(u, 0.0) + log1p_e
-            tl.store(PARTS + tl.program_id(0), tl.sum(tl.sum(tl.where(valid, softplus, 0.0), 1), 0))
+            softplus = tl.maximum(u, 0.0) + _log1p(e, one_p, inv)
+            tl.store(PARTS + tl.program_id(0), tl.sum(tl.sum(softplus, 1), 0))
         if WRITE_G:
-            inv = 1.0 / one_p
-            g = tl.where(valid, tl.where(u >= 0.0, inv, e * inv), 0.0)  # sigmoid(u)
+            g = tl.where(u >= 0.0, inv, e * inv)  # sigmoid(u)
             if HAS_DIAG:
-                if crossed:
-                    g = tl.where(offs_n[None, :] == (offs_m + diag_offset)[:, None], -g, g)
+                g = tl.where(pos, -g, g)  # G = -l sigmoid(u)
             tl.store(G + offs_m.to(tl.int64)[:, None] * stride_g + offs_n[None, :],
                      (g * G_SCALE).to(G.dtype.element_ty), mask=valid)
-            tl.store(PARTS + stride_parts + tl.program_id(0), tl.sum(tl.sum(g * dots, 1), 0))
-            tl.store(PARTS + 2 * stride_parts + tl.program_id(0), tl.sum(tl.sum(g, 1), 0))
+            tl.store(PARTS + stride_parts + tl.program_id(0), tl.sum(tl.sum(g, 1), 0))
 
 
 def _num_tiles(m, n):
@@ -112,16 +118,16 @@ def launch_args(x, y, scale, bias, g_out, parts, diag_offset, want_loss: bool) -
 
 
 def siglip_tiles(x, y, scale, bias, diag_offset=None, g_out=None, want_loss=True):
-    """Sums over the block ``x`` (M rows) against ``y`` (N rows): ``[loss, ds, dt]`` (fp32, 3).
+    """Sums over the block ``x`` (M rows) against ``y`` (N rows): ``[loss, dt]`` (fp32, 2).
 
     ``loss = sum_ij softplus(-l_ij z_ij)``, ``z = scale * x @ y.T + bias``, ``l_ij = +1`` for
     ``j = i + diag_offset`` (``None``: no positives in the block), -1 elsewhere. With ``g_out`` (M x N,
-    input dtype) it receives ``G_SCALE * G`` with ``G = -l sigmoid(-l z)`` and ``ds = sum G x_i.y_j``,
-    ``dt = sum G`` are returned too (0 without it; the loss is 0 without ``want_loss``).
+    input dtype) it receives ``G_SCALE * G`` with ``G = -l sigmoid(-l z)``, and ``dt = sum G`` is
+    returned (0 without it; the loss is 0 without ``want_loss``).
     """
     m, n = x.shape[0], y.shape[0]
     tile = smallest_tile()
-    parts = torch.zeros(3, triton.cdiv(m, tile) * triton.cdiv(n, tile), device=x.device, dtype=torch.float32)
+    parts = torch.zeros(2, triton.cdiv(m, tile) * triton.cdiv(n, tile), device=x.device, dtype=torch.float32)
     cfg = launch(_siglip_kernel, _num_tiles(m, n), launch_args(x, y, scale, bias, g_out, parts, diag_offset,
                                                                want_loss), _KEY)
     count_pass("recompute", m, n)

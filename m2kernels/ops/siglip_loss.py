@@ -20,7 +20,8 @@ the fp32 results: |G| <= 1 whatever the upstream gradient.
 distributed modes in ``m2kernels.distributed.siglip_loss`` call it on gathered or travelling blocks):
 row chunks sized from the memory budget, each one pass over S (the Triton kernel or its torch twin);
 with gradients, G written chunk by chunk in the input dtype and then ``G Y`` and ``G^T X`` as
-fp32-accumulating matmuls (``tiling.grad_matmuls``, shared with the softmax loss).
+fp32-accumulating matmuls (``tiling.grad_matmuls``, shared with the softmax loss); the scale gradient
+is ``sum_i <x_i, (G Y)_i>``, from the first product (O(B D), not another pass over S).
 
 Passes over S: 1 without gradients; 3 with them (1 + the two matmuls), none left for the backward.
 
@@ -52,7 +53,9 @@ from m2kernels.ops.tiling import (
 # memory several times. On CUDA large chunks keep the G^T X accumulation (N x D per chunk) cheap.
 HOST_MEMORY_BUDGET = 1 << 26
 
-# Bytes of chunk temporaries per logits element (used to size the row chunks), besides G itself.
+# Bytes of chunk temporaries per logits element (used to size the row chunks), besides G itself: the
+# torch backend's z and softplus's output, and with G the fp32 copy of G that mm_f32 makes off CUDA
+# (of G^T for fp32 inputs).
 _FWD_BYTES = {"triton": 0.0, "torch": 8.0}
 _GRAD_BYTES = {"triton": 0.0, "torch": 12.0}
 
@@ -107,12 +110,22 @@ def siglip_block(x, y, scale, bias, diag_offset: Optional[int], opts: BlockOptio
     def fill(i0, i1, g):
         return tiles(x[i0:i1], y, scale, bias, None if diag_offset is None else diag_offset + i0, g, want_loss)
 
-    gy, gtx, sums = grad_matmuls(x, y, step, gdt, fill, torch.zeros(3, device=x.device, dtype=acc))
+    gy, gtx, sums = grad_matmuls(x, y, step, gdt, fill, torch.zeros(2, device=x.device, dtype=acc))
     unscale = 1.0 / G_STORAGE_SCALE[gdt]
     if unscale != 1.0:
         gy.mul_(unscale)
         gtx.mul_(unscale)
-    return BlockSums(sums[0], gy, gtx, sums[1], sums[2])
+    return BlockSums(sums[0], gy, gtx, _sum_of_row_dots(x, gy, opts.memory_budget), sums[1])
+
+
+def _sum_of_row_dots(x: torch.Tensor, gy: torch.Tensor, budget: int) -> torch.Tensor:
+    """``sum_i <x_i, (G Y)_i> = sum_ij G_ij <x_i, y_j>`` (the scale gradient) from the first matmul's
+    fp32 rows, in row chunks (no fp32 copy of all of a 16-bit x)."""
+    step = chunk_rows(x.shape[0], x.shape[1], 2.0 * gy.element_size(), budget)
+    total = gy.new_zeros(())
+    for i0 in range(0, x.shape[0], step):
+        total += (x[i0:i0 + step].to(gy.dtype) * gy[i0:i0 + step]).sum()
+    return total
 
 
 def scalars(scale: torch.Tensor, bias: Optional[torch.Tensor], acc: torch.dtype):

@@ -2,7 +2,7 @@
 
 Same signature and the same results as ``siglip_kernels.siglip_tiles`` (up to rounding), for one row
 chunk at a time: the caller (``siglip_loss.siglip_block``) sizes the chunks so that these temporaries
-(three chunk x N buffers in the accumulation dtype, besides G) stay within the memory budget. The
+(two chunk x N buffers in the accumulation dtype, besides G) stay within the memory budget. The
 products ``x @ y.T`` go through ``tiling.mm_f32``. ``reference_block`` is the dense float64 version
 (``backend="reference"``).
 """
@@ -27,27 +27,21 @@ def _softplus_sum(u: torch.Tensor) -> torch.Tensor:
 
 
 def siglip_chunk(x, y, scale, bias, diag_offset=None, g_out=None, want_loss=True):
-    """``[loss, ds, dt]`` of the chunk and ``G_SCALE * G`` into ``g_out`` (see ``siglip_tiles``)."""
+    """``[loss, dt]`` of the chunk and ``G_SCALE * G`` into ``g_out`` (see ``siglip_tiles``)."""
     m, n = x.shape[0], y.shape[0]
     count_pass("recompute", m, n)
-    dots = mm_f32(x, y.T)
-    sums = torch.zeros(3, device=x.device, dtype=dots.dtype)
-    if g_out is None:  # loss only: z in place of the dot products
-        u = dots.mul_(scale).add_(bias)
-        _positives(u, diag_offset).neg_()  # u = -l z
-        sums[0] = _softplus_sum(u)
-        return sums
-    u = torch.addcmul(bias, dots, scale)
+    u = mm_f32(x, y.T).mul_(scale).add_(bias)  # z, then u = -l z in place
     _positives(u, diag_offset).neg_()
+    sums = torch.zeros(2, device=x.device, dtype=u.dtype)
     if want_loss:
         sums[0] = _softplus_sum(u)
+    if g_out is None:
+        return sums
     # sigmoid(u) straight into G where it is stored in the accumulation dtype (then unscaled)
     g = torch.sigmoid(u, out=g_out) if g_out.dtype == u.dtype else u.sigmoid_()
     del u
-    _positives(g, diag_offset).neg_()  # G = -l sigmoid(-l z)
-    sums[2] = g.sum()
-    sums[1] = dots.mul_(g).sum()  # a cascaded sum, as exact as autograd's for dense logits
-    del dots
+    _positives(g, diag_offset).neg_()  # G = -l sigmoid(u)
+    sums[1] = g.sum()
     if g is not g_out:
         g_out.copy_(g.mul_(G_STORAGE_SCALE[g_out.dtype]))
     return sums
