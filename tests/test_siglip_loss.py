@@ -445,3 +445,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     x, y, s, t = make_inputs(6, 4)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         siglip_loss(x, y, s, t, backend="triton")
+
+
+def test_second_backward_through_a_retained_graph_is_an_error():
+    """The backward scales the forward's gradients in place: a second one must fail, not double them."""
+    x, y, s, t = make_inputs(20, 8)
+    x.requires_grad_(True)
+    loss = siglip_loss(x, y, s, t, backend="torch")
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    torch.testing.assert_close(x.grad, first)

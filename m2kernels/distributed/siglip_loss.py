@@ -186,6 +186,9 @@ class _SigLipShare(torch.autograd.Function):
             w = grad.reshape(1).to(acc) / b if b else torch.zeros(1, dtype=acc, device=x.device)
             if call.mode == "global":
                 sums = ctx.sums
+                if sums is None:
+                    raise RuntimeError("the distributed SigLIP loss (mode='global') forms its gradients in "
+                                       "the forward and its backward consumes them: it cannot run twice")
                 dx, dy = _global_backward(sums, w * s, call)
                 ds, dt = sums.ds, sums.dt
             else:

@@ -189,7 +189,10 @@ def _backward(ctx, grad_loss, *_unused):
     x_dtype, y_dtype, s_dtype, t_dtype = ctx.dtypes
     s_shape, t_shape = ctx.shapes
     dbias = (g * dt).reshape(t_shape).to(t_dtype) if ctx.has_bias else None
-    return ((g * gx).to(x_dtype), (g * gy).to(y_dtype), (g * ds).reshape(s_shape).to(s_dtype), dbias,
+    # The forward's gradients are scaled in place: no second B x D copy exists at the backward's peak.
+    # (A second backward through a retained graph then fails with autograd's in-place error, never
+    # with a silently doubled gradient.)
+    return (gx.mul_(g).to(x_dtype), gy.mul_(g).to(y_dtype), (g * ds).reshape(s_shape).to(s_dtype), dbias,
             None, None, None, None, None)
 
 
