@@ -107,7 +107,7 @@ def memory_model(name: str, b: int, d: int, elem: int, device_type: str = "cuda"
     dense (our reference, upcast=False): the unscaled product kept for the logit-scale gradient, the
     scaled logits, two log-softmax outputs, and one gradient buffer at the backward peak: 5 B^2 e.
     m2-triton: one G chunk in the input dtype within the memory budget (m2kernels' default: 1 GiB on
-    CUDA, 256 MiB on the CPU), the fp32 dX and dY
+    CUDA, 64 MiB on the CPU), the fp32 dX and dY
     accumulators and the two gradients in the input dtype (2 B D (4 + e)), O(B) log-sum-exps;
     ``-store`` adds the fp32 dot products (4 B^2) kept from the forward.
     m2-torch: about (12 + e) bytes per element of a row chunk within the budget, plus the same B D terms

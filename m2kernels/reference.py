@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for the contrastive loss, imported by tests and benchmarks.
+"""Plain-PyTorch references for the contrastive losses, imported by tests and benchmarks.
 
 These materialise the full B x B logits on purpose: they are the definition, not the product.
 """
@@ -46,10 +46,38 @@ def clip_loss_ref(
     )
 
 
+def siglip_loss_ref(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale,
+    logit_bias,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Dense sigmoid (SigLIP) loss: the definition (docs/loss.md), as open_clip's ``SigLipLoss``.
+
+    ``z = logit_scale * X @ Y.T + logit_bias`` (no bias for None), labels +1 on the diagonal and -1
+    elsewhere, ``loss = -sum(logsigmoid(labels * z)) / B``. ``upcast=True``: in float64 (the
+    reference); ``upcast=False``: in the input dtype ("plain PyTorch in the same dtype").
+    """
+    x, y = image_features, text_features
+    s = logit_scale if torch.is_tensor(logit_scale) else torch.tensor(logit_scale, device=x.device)
+    t = logit_bias
+    if t is not None and not torch.is_tensor(t):
+        t = torch.tensor(t, device=x.device)
+    dtype = torch.float64 if upcast else x.dtype
+    x, y, s = x.to(dtype), y.to(dtype), s.to(dtype)
+    logits = s.reshape(()) * (x @ y.T)
+    if t is not None:
+        logits = logits + t.to(dtype).reshape(())
+    labels = 2 * torch.eye(x.shape[0], device=x.device, dtype=dtype) - 1
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+
+
 def open_clip_loss_module():
     """open_clip's ``loss.py`` loaded on its own (``import open_clip`` needs a working torchvision).
 
-    Returns the module (``.ClipLoss``); raises ImportError when open-clip-torch is not installed.
+    Returns the module (``.ClipLoss``, ``.SigLipLoss``); raises ImportError when open-clip-torch is not
+    installed.
     """
     import importlib.util
     import os

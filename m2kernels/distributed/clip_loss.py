@@ -34,10 +34,19 @@ import torch.distributed as dist
 from m2kernels import validation
 from m2kernels.distributed import collectives as C
 from m2kernels.distributed.agreement import agree, decode_float, disagreement, encode_float
-from m2kernels.distributed.topology import consecutive_subgroups, node_local_size, resolve_group
+from m2kernels.distributed.common import (
+    Topology,
+    check_nonempty,
+    check_same_features,
+    feature_fields,
+    local_checks,
+    pad_rows,
+    padded_rows,
+    valid_rows,
+)
+from m2kernels.distributed.topology import node_local_size, resolve_group
 from m2kernels.ops.clip_loss import (
     BlockOptions,
-    check_finite_inputs,
     clip_weights,
     feature_sum,
     grad_block,
@@ -49,81 +58,6 @@ from m2kernels.ops.tiling import LSE_DTYPE, acc_dtype, autocast_disabled
 MODES = ("global", "ring", "hierarchical", "grouped")
 # Host metadata per rank and call: status, rows, dim, dtype, mode, group_size, label smoothing, scale.
 META_FIELDS = 8
-_DTYPES = validation.FEATURE_DTYPES
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where this rank sits in the loss: the group the exact loss spans (a sub-group for ``grouped``),
-    its split into nodes of n ranks (``inner``: this node; ``cross``: the ring between nodes), and the
-    row count of every rank."""
-
-    group: object
-    inner: object
-    cross: object
-    world: int
-    me: int
-    n: int
-    nodes: int
-    node: int
-    local: int
-    sizes: tuple
-
-    @classmethod
-    def build(cls, mode: str, group, n: int, sizes: list[int]) -> Topology:
-        world = dist.get_world_size(group)
-        me = dist.get_rank(group)
-        if mode == "grouped" and n < world:
-            sub = consecutive_subgroups(n, group, with_cross=False)
-            own = tuple(sizes[sub.index * n:(sub.index + 1) * n])
-            return cls(sub.inner, sub.inner, None, n, sub.local_rank, n, 1, 0, sub.local_rank, own)
-        if mode in ("global", "grouped") or n == world:
-            return cls(group, group, None, world, me, world, 1, 0, me, tuple(sizes))
-        sub = consecutive_subgroups(n, group)
-        return cls(group, sub.inner if n > 1 else None, sub.cross, world, me, n, sub.num_groups, sub.index,
-                   sub.local_rank, tuple(sizes))
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-    @property
-    def bmax(self) -> int:
-        return max(self.sizes)
-
-    def node_sizes(self, k: int) -> list[int]:
-        return [self.sizes[k * self.n + m] for m in range(self.n)]
-
-    def offset_in_node(self) -> int:
-        """Row offset of this rank's shard inside its node's block."""
-        return sum(self.node_sizes(self.node)[:self.local])
-
-
-def _pad(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
-    if t.shape[0] == rows:
-        return t.contiguous()
-    out = t.new_full((rows, *t.shape[1:]), value)
-    out[:t.shape[0]] = t
-    return out
-
-
-def _valid(t: torch.Tensor, sizes: list[int], rows: int) -> torch.Tensor:
-    """The members' valid rows of a padded block (member m at rows m*rows ...)."""
-    if all(s == rows for s in sizes):
-        return t
-    return torch.cat([t[m * rows:m * rows + s] for m, s in enumerate(sizes)])
-
-
-def _unvalid(t: torch.Tensor, sizes: list[int], rows: int, value: float = 0.0) -> torch.Tensor:
-    """Inverse of :func:`_valid`: back to the padded layout, pads filled with ``value``."""
-    if all(s == rows for s in sizes):
-        return t.contiguous()
-    out = t.new_full((len(sizes) * rows, *t.shape[1:]), value)
-    o = 0
-    for m, s in enumerate(sizes):
-        out[m * rows:m * rows + s] = t[o:o + s]
-        o += s
-    return out
 
 
 def lse_all_reduce(v: torch.Tensor, group) -> torch.Tensor:
@@ -157,14 +91,14 @@ def _forward(x, y, s, call: _Call):
     r = torch.full((b,), float("-inf"), dtype=acc, device=x.device)
     diag = torch.full((b,), float("nan"), dtype=acc, device=x.device)
     carried_c = torch.full((bmax,), float("-inf"), dtype=acc, device=x.device)
-    held = _pad(y, bmax)
+    held = pad_rows(y, bmax)
     block = c_block = None
     dots_steps = []
     for t in range(topo.nodes):
         k = (topo.node - t) % topo.nodes
         handle = C.ring_start([held], topo.cross) if t < topo.nodes - 1 else None  # overlaps this step
         sizes = topo.node_sizes(k)
-        block = _valid(C.gather([held], topo.inner)[0], sizes, bmax) if topo.n > 1 else held[:sizes[0]]
+        block = valid_rows(C.gather([held], topo.inner)[0], sizes, bmax) if topo.n > 1 else held[:sizes[0]]
         offset = topo.offset_in_node() if k == topo.node else None
         if b and block.shape[0]:
             rr, cc, dd, dots = lse_block(x, block, s, offset, opts, call.keep_dots)
@@ -175,10 +109,10 @@ def _forward(x, y, s, call: _Call):
             cc = torch.full((block.shape[0],), float("-inf"), dtype=acc, device=x.device)
             dots = None
         dots_steps.append(dots)
-        cc_p = lse_all_reduce(_unvalid(cc, sizes, bmax, float("-inf")), topo.inner)
+        cc_p = lse_all_reduce(padded_rows(cc, sizes, bmax, float("-inf")), topo.inner)
         carried_c = torch.logaddexp(carried_c, cc_p[topo.local * bmax:(topo.local + 1) * bmax])
         if topo.nodes == 1:
-            c_block = _valid(cc_p, sizes, bmax)
+            c_block = valid_rows(cc_p, sizes, bmax)
         if handle is not None:
             held = handle.wait()[0]
         if topo.nodes > 1:  # the column LSE travels with its shard; after G hops it is home
@@ -197,7 +131,7 @@ def _backward(x, y, s, r, c, grad, kept, dots_steps, call: _Call):
     wp = w[topo.me]
     dx = torch.zeros(b, d, dtype=acc, device=x.device)
     ds = torch.zeros((), dtype=acc, device=x.device)
-    held, held_c = _pad(y, bmax), _pad(c, bmax, float("-inf"))
+    held, held_c = pad_rows(y, bmax), pad_rows(c, bmax, float("-inf"))
     block, c_block = kept
     carried = pending = None
     for t in range(topo.nodes):
@@ -208,7 +142,7 @@ def _backward(x, y, s, r, c, grad, kept, dots_steps, call: _Call):
             if t < topo.nodes - 1:
                 handle = C.ring_start([held, held_c], topo.cross)
             block_p, cblock_p = C.gather([held, held_c], topo.inner) if topo.n > 1 else (held, held_c)
-            block, c_block = _valid(block_p, sizes, bmax), _valid(cblock_p, sizes, bmax)
+            block, c_block = valid_rows(block_p, sizes, bmax), valid_rows(cblock_p, sizes, bmax)
         col_w = torch.cat([w[k * topo.n + m].expand(sz) for m, sz in enumerate(sizes)])
         offset = topo.offset_in_node() if k == topo.node else None
         if b and block.shape[0]:
@@ -219,7 +153,7 @@ def _backward(x, y, s, r, c, grad, kept, dots_steps, call: _Call):
             ds += ds_t
         else:
             gtx = torch.zeros(block.shape[0], d, dtype=acc, device=x.device)
-        mine = _unvalid(gtx, sizes, bmax)
+        mine = padded_rows(gtx, sizes, bmax)
         if topo.n > 1:
             mine = C.scatter_sum([mine], topo.inner)[0]
         if topo.nodes == 1:
@@ -287,31 +221,6 @@ def resolve_group_size(mode: str, group_size, world: int) -> int:
     return n
 
 
-def _local_checks(group, mode, group_size, image_features, text_features, logit_scale, logit_bias,
-                  options: dict, expected_rank, expected_world_size, check_finite: bool):
-    """This rank's validation, as (error or None, inputs or None, group size)."""
-    world = dist.get_world_size(group)
-    try:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if expected_world_size is not None and (expected_world_size != world
-                                                or expected_rank != dist.get_rank(group)):
-            raise ValueError(f"rank={expected_rank}, world_size={expected_world_size} do not match the "
-                             f"process group (rank {dist.get_rank(group)} of {world})")
-        if (dist.get_backend(group) == "nccl" and torch.is_tensor(image_features)
-                and image_features.device.type != "cuda"):
-            raise ValueError(f"the process group uses NCCL but the features are on {image_features.device}")
-        inputs = validation.loss_inputs(image_features, text_features, logit_scale, logit_bias,
-                                        allow_empty=True, **options)
-        if check_finite:  # before the agreement, so that every rank raises (one host sync: opt-in)
-            check_finite_inputs(image_features=inputs.x, text_features=inputs.y, logit_scale=inputs.scale,
-                                logit_bias=inputs.bias)
-        n = resolve_group_size(mode, group_size, world)
-        return None, inputs, n
-    except (TypeError, ValueError, RuntimeError) as e:
-        return e, None, 0
-
-
 def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale,
                           logit_bias: Optional[torch.Tensor] = None, *, mode: str = "global", group=None,
                           group_size: Optional[int] = None, label_smoothing: float = 0.0,
@@ -339,8 +248,11 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
     group = resolve_group(group)
     options = dict(label_smoothing=label_smoothing, backend=backend, chunk_size=chunk_size,
                    memory_budget=memory_budget, store_logits=store_logits)
-    err, inputs, n = _local_checks(group, mode, group_size, image_features, text_features, logit_scale,
-                                   logit_bias, options, expected_rank, expected_world_size, check_finite)
+    world = dist.get_world_size(group)
+    err, inputs, n = local_checks(group, mode, MODES, image_features, text_features, logit_scale, logit_bias,
+                                  options, expected_rank, expected_world_size, check_finite,
+                                  more=lambda _inputs: resolve_group_size(mode, group_size, world))
+    n = n or 0
     if err is None and _truncated_gradient and (mode != "global" or inputs.label_smoothing):
         err = ValueError("open_clip's truncated gradient (local_loss=True, gather_with_grad=False) is "
                          "available for mode='global' without label smoothing")
@@ -348,20 +260,17 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
     if inputs is not None:
         x = inputs.x
         scale_bits = encode_float(inputs.scale.detach().reshape(())) if check_finite else 0  # syncs: opt-in
-        fields = [x.shape[0], x.shape[1], _DTYPES.index(x.dtype), MODES.index(mode), n,
-                  encode_float(inputs.label_smoothing), scale_bits]
+        fields = [*feature_fields(x), MODES.index(mode), n, encode_float(inputs.label_smoothing), scale_bits]
     rows = agree(group, "clip loss", err, fields)
     _check_same(rows)
     sizes = [r[0] for r in rows]
     x, y, scale, bias = inputs.x, inputs.y, inputs.scale, inputs.bias
-    world = dist.get_world_size(group)
     if mode == "grouped" and n < world:
         empty = [k for k in range(world // n) if sum(sizes[k * n:(k + 1) * n]) == 0]
         if empty:  # every rank knows every size: all raise, none waits for an empty sub-group
             raise ValueError(f"mode='grouped': the batch of sub-group(s) {empty} (of {n} consecutive "
                              "ranks each) is empty on all its ranks")
-    if sum(sizes) == 0:
-        raise ValueError("the global batch is empty on every rank of the process group")
+    check_nonempty(sizes)
     topo = Topology.build(mode, group, n, sizes)
     opts = BlockOptions(inputs.backend, inputs.memory_budget, inputs.chunk_size)
     keep = validation.keep_logits(inputs.store_logits, x.shape[0], topo.total, inputs.memory_budget)
@@ -374,11 +283,7 @@ def distributed_clip_loss(image_features: torch.Tensor, text_features: torch.Ten
 
 def _check_same(rows: list[list[int]]) -> None:
     """Settings every rank must share (the same rows on every rank: all raise alike)."""
-    if (v := disagreement(rows, 1)) is not None:
-        raise ValueError(f"feature sizes differ across ranks: {v} (every rank raises this error)")
-    if (v := disagreement(rows, 2)) is not None:
-        raise TypeError(f"feature dtypes differ across ranks: {[str(_DTYPES[i]) for i in v]} "
-                        "(every rank raises this error)")
+    check_same_features(rows)
     if disagreement(rows, 3) is not None or disagreement(rows, 4) is not None:
         pairs = [(MODES[r[3]], r[4]) for r in rows]
         raise ValueError(f"ranks disagree on (mode, group_size): {pairs} (every rank raises this error)")

@@ -40,9 +40,8 @@ from m2kernels.ops.tiling import (
     acc_dtype,
     autocast_disabled,
     chunk_rows,
-    count_pass,
+    grad_matmuls,
     hi_lo,
-    mm_f32,
     storage_dtype,
 )
 
@@ -156,22 +155,13 @@ def _grad_block(x, y, scale, r, c, weights, diag_offset, opts, dots, want):
     step = chunk_rows(m, n, _GRAD_BYTES[opts.backend] + g_bytes, opts.memory_budget, opts.chunk_size)
     tiles = _kernels().grad_tiles if opts.backend == "triton" else clip_torch.grad_chunk
     r, c = _pair(r, acc), _pair(c, acc)
-    dx = torch.zeros(m, x.shape[1], device=x.device, dtype=acc)
-    dy = torch.zeros(n, y.shape[1], device=x.device, dtype=acc)
-    ds = torch.zeros((), device=x.device, dtype=acc)
-    g_buf = torch.empty(min(step, m), n, device=x.device, dtype=gdt)
-    for i0 in range(0, m, step):
-        i1 = min(m, i0 + step)
-        g = g_buf[:i1 - i0]
-        ds += tiles(x[i0:i1], y, scale, r[:, i0:i1].contiguous(), c, w.a[i0:i1], w.b,
-                    None if w.d is None else w.d[i0:i1], None if w.u is None else w.u[i0:i1], w.v, g,
-                    None if diag_offset is None else diag_offset + i0, None if dots is None else dots[i0:i1])
-        if want[0]:
-            mm_f32(g, y, out=dx[i0:i1])
-            count_pass("matmul", i1 - i0, n)
-        if want[1]:
-            mm_f32(g.T, x[i0:i1], out=dy, accumulate=True)
-            count_pass("matmul", i1 - i0, n)
+
+    def fill(i0, i1, g):
+        return tiles(x[i0:i1], y, scale, r[:, i0:i1].contiguous(), c, w.a[i0:i1], w.b,
+                     None if w.d is None else w.d[i0:i1], None if w.u is None else w.u[i0:i1], w.v, g,
+                     None if diag_offset is None else diag_offset + i0, None if dots is None else dots[i0:i1])
+
+    dx, dy, ds = grad_matmuls(x, y, step, gdt, fill, torch.zeros((), device=x.device, dtype=acc), want)
     unscale = norm / G_STORAGE_SCALE[gdt]
     return dx.mul_(unscale), dy.mul_(unscale), ds * norm
 

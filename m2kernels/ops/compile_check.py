@@ -33,15 +33,20 @@ SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 DTYPES = {"bf16": (torch.bfloat16, "tf32"), "fp16": (torch.float16, "tf32"), "fp32": (torch.float32, "ieee"),
           "fp32-tf32": (torch.float32, "tf32")}
 
-# Kernel variants: (kernel, constexpr switches). The defaults for every dtype; the fast path (kept dot
-# products: the backward kernel then has no matmul) for the 16-bit dtypes.
+# Kernel variants: (kernel, constexpr switches). The softmax loss's defaults for every dtype; its fast
+# path (kept dot products: the backward kernel then has no matmul) for the 16-bit dtypes. The sigmoid
+# loss's kernel with every epilogue on (the loss and G in one pass: the forward of a call with
+# gradients; its other variants compute a subset of it), for fp32, fp16 and bf16.
 VARIANTS = {
     "lse": ("lse", dict(HAS_DIAG=True, STORE_DOTS=False)),
     "grad": ("grad", dict(HAS_DIAG=True, HAS_SMOOTHING=True, LOAD_DOTS=False)),
     "lse-store": ("lse", dict(HAS_DIAG=True, STORE_DOTS=True)),
     "grad-load": ("grad", dict(HAS_DIAG=True, HAS_SMOOTHING=True, LOAD_DOTS=True)),
+    "siglip": ("siglip", dict(HAS_DIAG=True, WANT_LOSS=True, WRITE_G=True)),
 }
 _DEFAULT = ("lse", "grad")
+_CLIP_VARIANTS = ("lse", "grad", "lse-store", "grad-load")
+_SIGLIP_DTYPES = ("bf16", "fp16", "fp32")
 
 M_CHUNK, N_COLS, DIM = 8192, 65536, 1024
 
@@ -56,7 +61,9 @@ def cases(ccs=(80, 90)):
 
     for cc in ccs:
         for dname, (dtype, _) in DTYPES.items():
-            variants = _DEFAULT if dtype == torch.float32 else tuple(VARIANTS)
+            variants = _DEFAULT if dtype == torch.float32 else _CLIP_VARIANTS
+            if dname in _SIGLIP_DTYPES:
+                variants += ("siglip",)
             for variant in variants:
                 for i, _cfg in enumerate(tile_configs(torch.empty((), dtype=dtype).element_size())):
                     yield f"sm{cc}-{variant}-{dname}-cfg{i}", cc, variant, dname, i
@@ -64,15 +71,21 @@ def cases(ccs=(80, 90)):
 
 def _launch_args(kernel: str, dtype: torch.dtype, precision: str, switches: dict) -> dict:
     """The arguments of a representative launch (small tensors: the binder reads only their dtype and
-    alignment) as the launchers in ``clip_kernels`` build them."""
+    alignment) as the launchers in ``clip_kernels`` and ``siglip_kernels`` build them."""
     from m2kernels.ops import clip_kernels as ck
-    from m2kernels.ops.tiling import G_STORAGE_SCALE, size_bucket
+    from m2kernels.ops import siglip_kernels as sk
+    from m2kernels.ops.tiling import G_STORAGE_SCALE, size_bucket, smallest_tile
 
     f32 = lambda: torch.empty(64, dtype=torch.float32)  # noqa: E731
     feat = lambda: torch.empty(64, dtype=dtype)  # noqa: E731
     common = dict(M=M_CHUNK, N=N_COLS, D=DIM, stride_x=DIM, stride_y=DIM, M_BUCKET=size_bucket(M_CHUNK),
                   N_BUCKET=size_bucket(N_COLS), EVEN_D=True, UPCAST=False, PRECISION=precision, diag_offset=0,
                   stride_dots=N_COLS)
+    if kernel == "siglip":
+        del common["stride_dots"]
+        tiles = (M_CHUNK // smallest_tile()) * (N_COLS // smallest_tile())  # the partials' row stride
+        return dict(fn=sk._siglip_kernel, X=feat(), Y=feat(), SCALE=f32(), BIAS=f32(), G=feat(), PARTS=f32(),
+                    **common, stride_g=N_COLS, stride_parts=tiles, G_SCALE=G_STORAGE_SCALE[dtype], **switches)
     if kernel == "lse":
         return dict(fn=ck._clip_lse_kernel, X=feat(), Y=feat(), SCALE=f32(), ROW_MAX=f32(), ROW_SUM=f32(),
                     COL_MAX=f32(), COL_SUM=f32(), DIAG=f32(), DOTS=f32(), **common, **switches)

@@ -10,7 +10,8 @@ per *pass*):
 This module holds what those have in common: whether and how Triton runs (CUDA, or the CPU interpreter
 for tests), the fp32 matmul precision (TF32 or IEEE) read through PyTorch's current API, the block
 configurations and their autotuning keys, the grouped tile order, row chunks sized from a memory
-budget, fp32-output matmuls of 16-bit inputs, the dtype G is stored in, and a counter of passes.
+budget, the backward's loop over chunks of G with its two matmuls, fp32-output matmuls of 16-bit
+inputs, the dtype G is stored in, and a counter of passes.
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 # Temporaries a loss call may hold at once (row chunks of G or of S, partial log-sum-exps), and the
 # largest logits matrix the forward keeps for the backward when ``store_logits="auto"``. On a GPU large
-# chunks keep the matmuls efficient; on the CPU smaller ones stay in cache and keep the footprint low.
-DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 256 << 20}
+# chunks keep the matmuls efficient (and the G^T X accumulation, N x D per chunk, cheap); on the CPU
+# chunks past the last-level cache make no matmul faster, and each chunk x N temporary is streamed
+# through memory several times: smaller ones keep the footprint low at the same speed.
+DEFAULT_MEMORY_BUDGET = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -166,6 +169,33 @@ def chunk_rows(m: int, n: int, bytes_per_element: float, budget: int, chunk_size
         return max(1, min(m, chunk_size))
     rows = int(budget // max(1.0, n * bytes_per_element))
     return max(1, min(m, rows))
+
+
+def grad_matmuls(x: torch.Tensor, y: torch.Tensor, step: int, g_dtype: torch.dtype, fill, sums: torch.Tensor,
+                 want: tuple[bool, bool] = (True, True)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward's chunk loop every loss shares: ``(G Y, G^T X, sums)`` in fp32 (fp64 for fp64).
+
+    For each chunk of ``step`` rows [i0, i1), ``fill(i0, i1, g)`` writes those rows of the loss
+    gradient G (chunk x N, ``g_dtype``) into ``g`` and returns their partial sums, which are added
+    into ``sums``; then ``G Y`` gives the chunk's rows of the first product and ``G^T X`` is
+    accumulated into the second (``want`` skips either). Only one chunk of G exists at a time.
+    """
+    m, n = x.shape[0], y.shape[0]
+    acc = acc_dtype(x.dtype)
+    dx = torch.zeros(m, x.shape[1], device=x.device, dtype=acc)
+    dy = torch.zeros(n, y.shape[1], device=x.device, dtype=acc)
+    g_buf = torch.empty(min(step, m), n, device=x.device, dtype=g_dtype)
+    for i0 in range(0, m, step):
+        i1 = min(m, i0 + step)
+        g = g_buf[:i1 - i0]
+        sums += fill(i0, i1, g)
+        if want[0]:
+            mm_f32(g, y, out=dx[i0:i1])
+            count_pass("matmul", i1 - i0, n)
+        if want[1]:
+            mm_f32(g.T, x[i0:i1], out=dy, accumulate=True)
+            count_pass("matmul", i1 - i0, n)
+    return dx, dy, sums
 
 
 @contextlib.contextmanager
