@@ -49,8 +49,9 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     ``"reference"`` (dense float64). ``memory_budget``: bytes of temporaries (row chunks of G and S;
     default 1 GiB on CUDA, 64 MiB elsewhere); ``chunk_size`` overrides the rows per chunk.
     ``store_logits``: keep the fp32 dot products from the forward for the backward (3 passes over S
-    instead of 4): ``"auto"`` when they fit the budget, or ``True``/``False``. ``check_finite``: raise on NaN/Inf inputs (one host
-    synchronisation). ``deterministic`` is accepted for compatibility: every backend is deterministic.
+    instead of 4): ``"auto"`` when they fit the budget, or ``True``/``False``. ``check_finite``: raise
+    on NaN/Inf inputs (one host synchronisation). ``deterministic`` is accepted for compatibility:
+    every backend is deterministic.
 
     With ``mode`` (``"global"``, ``"ring"``, ``"hierarchical"``, ``"grouped"``) it is this rank's share of
     the loss over the process group ``group`` (``group_size`` ranks per sub-group): see

@@ -63,11 +63,7 @@ if HAS_TRITON:
         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         HAS_DIAG: tl.constexpr, WANT_LOSS: tl.constexpr, WRITE_G: tl.constexpr,
     ):
-        pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
+        pid_m, pid_n, offs_m, offs_n, mask_m, mask_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         valid = mask_m[:, None] & mask_n[None, :]
         dots = score_tile(X, Y, stride_x, stride_y, offs_m, offs_n, mask_m, mask_n, D,
                           BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, PRECISION)
