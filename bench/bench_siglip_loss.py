@@ -24,7 +24,15 @@ import sys
 import torch
 
 from bench.bench_clip_loss import matmul_tflops, print_table
-from bench.common import RESULTS_DIR, PeakMemory, append_csv, environment, fmt_bytes, time_fn
+from bench.common import (
+    RESULTS_DIR,
+    PeakMemory,
+    append_csv,
+    environment,
+    fmt_bytes,
+    small_first_call,
+    time_fn,
+)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROVIDERS = ["m2-triton", "m2-torch", "open_clip"]
@@ -107,11 +115,7 @@ def measure(cfg: dict) -> dict:
         forward(state).backward()
 
     mode = cfg["mode"]
-    # One call at B = 16 first, for every provider: one-time costs are not the loss's memory (the first
-    # call of a torch.library custom op imports ~80 MiB of modules, e.g. sympy).
-    tiny = [(v[:16] if v.dim() else v).detach().clone().requires_grad_(True) for v in (x, y, s, t)]
-    full(tiny)
-    del tiny
+    small_first_call(full, (x, y, s, t))
     # Peak memory next, in this fresh process, before timing loops leave freed memory in malloc's pools.
     state = leaves()
     with PeakMemory(device) as pm:
