@@ -152,5 +152,5 @@ def small_first_call(step, tensors, rows: int = 16) -> None:
     """Run ``step`` once on the first ``rows`` rows of ``tensors`` (fresh leaves): one-time costs are not
     a loss's memory (the first call of a torch.library custom op imports ~80 MiB of modules, e.g.
     sympy), so they happen before the peak-memory measurement, for every provider alike."""
-    step([(t[:rows] if t.dim() else t).detach().clone().requires_grad_(t.requires_grad or t.is_floating_point())
+    step([(t[:rows] if t.dim() else t).detach().clone().requires_grad_(t.is_floating_point())
           for t in tensors])
