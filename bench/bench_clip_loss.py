@@ -31,6 +31,7 @@ from bench.common import (
     PeakMemory,
     append_csv,
     environment,
+    failed,
     fmt_bytes,
     small_first_call,
     time_fn,
@@ -491,7 +492,7 @@ def main(argv=None) -> int:
     path = append_csv(args.csv, [{k: r.get(k, "") for k in keys} for r in full_rows])
     plot(rows, args.plot)
     print(f"\nCSV: {path}\nplot: {args.plot}")
-    return 0
+    return 1 if failed(rows) else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from bench.common import (
     PeakMemory,
     append_csv,
     environment,
+    failed,
     fmt_bytes,
     small_first_call,
     time_fn,
@@ -124,12 +125,12 @@ def measure(cfg: dict) -> dict:
             out.backward()
     del out, state
     timing = time_fn(full if mode == "full" else forward, device, cfg["reps"], cfg["warmup"], setup=leaves)
-    from m2kernels.ops.siglip_loss import memory_budget_for
+    from m2kernels.ops.tiling import default_memory_budget
 
     row = dict(cfg)
     row.update(timing)
     row["peak_bytes"] = pm.peak
-    budget = memory_budget_for(device, None)  # the default the providers ran with
+    budget = default_memory_budget(device)  # the default the providers ran with
     row["model_bytes"] = memory_model(cfg["provider"], b, d, x.element_size(), budget)
     passes = PASSES[cfg["provider"]] if mode == "full" else 1
     row["tflops"] = passes * 2.0 * b * b * d / (timing["median_ms"] * 1e-3) / 1e12
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     path = append_csv(args.csv, [{k: r.get(k, "") for k in keys} for r in rows])
     plot(rows, args.plot)
     print(f"\nCSV: {path}\nplot: {args.plot}")
-    return 0
+    return 1 if failed(rows) else 0
 
 
 if __name__ == "__main__":

@@ -154,3 +154,12 @@ def small_first_call(step, tensors, rows: int = 16) -> None:
     sympy), so they happen before the peak-memory measurement, for every provider alike."""
     step([(t[:rows] if t.dim() else t).detach().clone().requires_grad_(t.is_floating_point())
           for t in tensors])
+
+
+def failed(rows: list[dict]) -> bool:
+    """Whether a measurement crashed: a skip by the memory model, a time-out or running out of memory is
+    a result, not a failure."""
+    def benign(e: str) -> bool:
+        return e.startswith(("skipped", "not run", "timed out", "killed")) or "out of memory" in e.lower()
+
+    return any("error" in r and not benign(r["error"]) for r in rows)
