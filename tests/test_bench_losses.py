@@ -33,4 +33,5 @@ def test_failed_measurements_are_failures():
 
     assert failed([{"error": "ImportError: no module"}])
     assert not failed([{"error": "skipped: the memory model predicts 3 GiB"},
-                       {"error": "timed out after 5 s"}, {"error": "killed (out of memory?)"}, {"median_ms": 1.0}])
+                       {"error": "timed out after 5 s"}, {"error": "killed (out of memory?)"},
+                       {"median_ms": 1.0}])
