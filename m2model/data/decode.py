@@ -127,9 +127,11 @@ def transform(rgb, image_size: int, crop: tuple[int, int, int, int], flip: bool)
     from PIL import Image
 
     x, y, w, h = crop
-    # the crop as the resize's region (``box``): the filter reads the pixels just outside the window
-    # like DALI's region-of-interest resize, instead of clamping at its border
-    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
+    # crop, then resize (torchvision's resized crop): the filter clamps at the window's border, as the
+    # DALI path's resize of the cropped image does
+    if (x, y, w, h) != (0, 0, *rgb.size):
+        rgb = rgb.crop((x, y, x + w, y + h))
+    rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     if flip:
         rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.array(rgb, dtype=np.uint8)  # a writable copy (torch.from_numpy wants one)
