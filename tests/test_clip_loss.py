@@ -516,6 +516,23 @@ def test_store_logits_auto_follows_the_budget():
     assert bwd.passes(100, 100) == 4  # did not fit: recomputed
 
 
+def test_stored_logits_get_no_gradient_buffer():
+    """With ``store_logits`` the op also returns the B x B dot products; autograd must not fill a B x B
+    zero gradient for them (it did: twice the stored logits at the backward's peak)."""
+    from tests.memory_utils import LargestAllocation
+
+    x, y, s, _ = make_inputs(256, 8)
+    xx = x.clone().requires_grad_(True)
+    budget = 4 * 256 * 256 + 64 * 256 * 16  # the dots fit, and G comes in row chunks
+    loss = clip_loss(xx, y, s, backend="torch", store_logits=True, memory_budget=budget)
+    with LargestAllocation() as seen:
+        loss.backward()
+    assert seen.numel < 256 * 256  # row chunks of G only
+    xr = x.double().requires_grad_(True)
+    clip_loss_ref(xr, y.double(), s.double()).backward()
+    torch.testing.assert_close(xx.grad.double(), xr.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_torch_compile_dynamic_with_smoothing_and_check_finite():
     torch._dynamo.reset()
     fn = torch.compile(lambda x, y, s, eps: clip_loss(x, y, s, backend="torch", label_smoothing=eps,

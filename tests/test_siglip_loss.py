@@ -304,6 +304,19 @@ def test_pass_counts(backend):
     assert [m for kind, m, _ in fwd.calls if kind == "recompute"] == [64, 64, 64, 8]  # chunks of 64 rows
 
 
+def test_backward_allocates_no_feature_sized_buffer():
+    """The forward already holds the feature gradients; autograd must not fill B x D zero gradients for
+    those outputs (it did), and the backward only scales them in place."""
+    from tests.memory_utils import LargestAllocation
+
+    x, y, s, t = make_inputs(256, 8)
+    xx = x.clone().requires_grad_(True)
+    loss = siglip_loss(xx, y, s, t, backend="torch")
+    with LargestAllocation() as seen:
+        loss.backward()
+    assert seen.numel < 256 * 8
+
+
 def test_memory_budget_sizes_the_chunks():
     assert tiling.default_memory_budget(torch.device("cpu")) == 64 << 20
     assert tiling.default_memory_budget(torch.device("cuda")) == 1 << 30

@@ -276,12 +276,16 @@ def _(grad, x, y, scale, r, c, dots, label_smoothing, backend, memory_budget, ch
 def _setup_context(ctx, inputs, output):
     x, y, scale, bias, label_smoothing, backend, memory_budget, chunk_size, _store, _check = inputs
     _, r, c, dots = output
+    # only the loss has a gradient: without this, autograd would fill B x B zeros for ``dots``
+    ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, y, scale, r, c, dots, bias if bias is not None else x.new_empty(0))
     ctx.opts = (label_smoothing, backend, memory_budget, chunk_size)
 
 
 def _backward(ctx, grad_loss, _grad_r, _grad_c, _grad_dots):
+    if grad_loss is None:  # not materialised (see _setup_context): nothing flows back
+        return (None,) * 10
     x, y, scale, r, c, dots, bias = ctx.saved_tensors
     dx, dy, ds = torch.ops.m2kernels.clip_loss_bwd(grad_loss, x, y, scale, r, c, dots, *ctx.opts)
     dbias = torch.zeros_like(bias) if ctx.has_bias else None  # exactly 0: the loss is shift-invariant

@@ -160,6 +160,8 @@ def _(x, y, scale, bias, backend, memory_budget, chunk_size, want_grad, check_fi
 def _setup_context(ctx, inputs, output):
     x, y, scale, bias, _backend, _budget, _chunk, want_grad, _check = inputs
     _, gx, gy, ds, dt = output
+    # only the loss has a gradient: without this, autograd would fill B x D zeros for gx and gy
+    ctx.set_materialize_grads(False)
     ctx.want_grad = want_grad
     ctx.has_bias = bias is not None
     ctx.dtypes = (x.dtype, y.dtype, scale.dtype, bias.dtype if bias is not None else None)
@@ -171,6 +173,8 @@ def _backward(ctx, grad_loss, *_unused):
     if not ctx.want_grad:
         raise RuntimeError("m2kernels siglip_loss: the forward ran without gradients (no input required "
                            "grad, or grad mode was off), so it has none to give")
+    if grad_loss is None:  # not materialised (see _setup_context): nothing flows back
+        return (None,) * 9
     gx, gy, ds, dt = ctx.saved_tensors
     g = grad_loss.to(gx.dtype)
     x_dtype, y_dtype, s_dtype, t_dtype = ctx.dtypes
