@@ -18,26 +18,13 @@ counting the passes over S each provider makes.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
 
 import torch
 
-from bench.common import (
-    RESULTS_DIR,
-    PeakMemory,
-    append_csv,
-    environment,
-    failed,
-    fmt_bytes,
-    small_first_call,
-    time_fn,
-)
+from bench import loss_harness as H
+from bench.common import PeakMemory, append_csv, failed, fmt_bytes, small_first_call, time_fn
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROVIDERS = ["m2-triton", "m2-triton-store", "m2-torch", "m2-torch-store", "dense", "open_clip", "inf-cl"]
 # Passes over S (B x B x D multiply-adds each) for forward + backward, per provider.
 PASSES = {"m2-triton": (1, 3), "m2-triton-store": (1, 2), "m2-torch": (1, 3), "m2-torch-store": (1, 2),
@@ -53,21 +40,6 @@ EFFECTIVE_PASSES = {"full": 4, "forward": 1, "backward": 3}
 
 
 def provider_available(name: str, device: torch.device) -> tuple[bool, str]:
-    if name.startswith("m2-triton"):
-        from m2kernels.ops.tiling import triton_available
-
-        ok, why = triton_available(device)
-        if ok and device.type != "cuda":
-            return False, "the triton backend is benchmarked on CUDA only (the CPU interpreter is for tests)"
-        return ok, why
-    if name == "open_clip":
-        try:
-            from m2kernels.reference import open_clip_loss_module
-
-            open_clip_loss_module()
-            return True, ""
-        except ImportError as exc:
-            return False, str(exc)
     if name == "inf-cl":
         if device.type != "cuda":
             return False, "Inf-CL runs on CUDA only"
@@ -77,7 +49,7 @@ def provider_available(name: str, device: torch.device) -> tuple[bool, str]:
             return True, ""
         except Exception as exc:  # its import needs CUDA triton
             return False, f"inf-cl does not import: {exc}"
-    return True, ""
+    return H.common_provider_available(name, device)
 
 
 def make_loss(name: str):
@@ -149,11 +121,8 @@ def memory_model(name: str, b: int, d: int, elem: int, device_type: str = "cuda"
 
 def measure(cfg: dict) -> dict:
     device = torch.device(cfg["device"])
-    torch.manual_seed(0)
-    dtype = DTYPES[cfg["dtype"]]
     b, d = cfg["batch"], cfg["dim"]
-    x = torch.nn.functional.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype)
-    y = torch.nn.functional.normalize(x.float() + 0.5 * torch.randn(b, d, device=device), dim=-1).to(dtype)
+    x, y = H.feature_pair(b, d, H.DTYPES[cfg["dtype"]], device)
     s = torch.tensor(1 / 0.07, device=device)
     loss_fn = make_loss(cfg["provider"])
     grad = cfg["mode"] != "forward-nograd"
@@ -206,67 +175,6 @@ def run_config(provider, device, batch, dim, dtype, mode, reps, warmup) -> dict:
                 reps=reps, warmup=warmup)
 
 
-def run_child(cfg: dict, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bench.bench_clip_loss", "--worker", json.dumps(cfg)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # A fixed mmap threshold: every allocation of 1 MiB or more is its own mapping, returned to the
-    # system when freed, so the resident-set high-water mark tracks live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
-    except subprocess.TimeoutExpired:
-        return dict(cfg, error=f"timed out after {timeout:.0f} s")
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        err = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        if out.returncode in (-9, 137):
-            err = "killed (out of memory?)"
-        return dict(cfg, error=err[:300])
-    return json.loads(lines[-1])
-
-
-# --------------------------------------------------------------------------------------------------
-# dense-matmul reference rate (CUDA): what fraction of the chip the loss reaches
-# --------------------------------------------------------------------------------------------------
-
-
-def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_fn(lambda: a @ b, device, reps=10, warmup=3)
-    return 2.0 * n**3 / (t["median_ms"] * 1e-3) / 1e12
-
-
-# --------------------------------------------------------------------------------------------------
-# output
-# --------------------------------------------------------------------------------------------------
-
-
-def print_table(rows: list[dict], baseline: str = "open_clip") -> None:
-    by_key = {}
-    for r in rows:
-        by_key.setdefault((r["batch"], r["dim"], r["dtype"], r["mode"]), {})[r["provider"]] = r
-    print(
-        f"\n{'batch':>7} {'dim':>5} {'dtype':>5} {'mode':>8} {'provider':>10} {'median ms':>10} "
-        f"{'q20-q80 ms':>17} {'peak mem':>10} {'model':>10} {'time/' + baseline:>14} {'mem/' + baseline:>13}"
-    )
-    for key in sorted(by_key):
-        base = by_key[key].get(baseline)
-        for prov, r in by_key[key].items():
-            if "error" in r:
-                print(f"{key[0]:>7} {key[1]:>5} {key[2]:>5} {key[3]:>8} {prov:>10}  {r['error']}")
-                continue
-            tr = mr = "-"
-            if base and "error" not in base:
-                tr = f"{r['median_ms'] / base['median_ms']:.2f}x"
-                mr = f"{r['peak_bytes'] / max(base['peak_bytes'], 1):.3f}x"
-            print(
-                f"{key[0]:>7} {key[1]:>5} {key[2]:>5} {key[3]:>8} {prov:>10} {r['median_ms']:>10.1f} "
-                f"{r['q20_ms']:>8.1f}-{r['q80_ms']:<8.1f} {fmt_bytes(r['peak_bytes']):>10} "
-                f"{fmt_bytes(r['model_bytes']):>10} {tr:>14} {mr:>13}"
-            )
-
-
 def print_device_table(rows: list[dict]) -> None:
     """The GPU summary: time, effective TFLOP/s (4 passes over S for forward + backward, whoever computes
     the loss), its ratio to the measured dense matmul rate, the provider's own pass count, peak memory."""
@@ -285,36 +193,6 @@ def print_device_table(rows: list[dict]) -> None:
     print(f"dense {rows[0]['dtype'] if rows else ''} matmul (8192^3): {rate} TFLOP/s")
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in rows if "error" not in r]
-    if not ok:
-        return
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for prov in sorted({r["provider"] for r in ok}):
-        pts = sorted((r["batch"], r["median_ms"], r["peak_bytes"]) for r in ok if r["provider"] == prov)
-        bs = [p[0] for p in pts]
-        ax_t.plot(bs, [p[1] for p in pts], marker="o", label=prov)
-        ax_m.plot(bs, [p[2] / 2**20 for p in pts], marker="o", label=prov)
-    r0 = ok[0]
-    for ax, lab in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel(lab)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"CLIP loss, D={r0['dim']}, {r0['dtype']}, {r0['mode']} — {r0['env_device']}", fontsize=9)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------------
 # largest batch that fits a memory budget
 # --------------------------------------------------------------------------------------------------
@@ -323,7 +201,7 @@ def plot(rows: list[dict], path: str) -> None:
 def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, timeout):
     """Double B from ``start`` while the measured peak stays within the budget and one step stays under
     ``time_cap_s``; then bisect between the last fitting and the first failing size (to 1/8 of it)."""
-    elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    elem = torch.empty((), dtype=H.DTYPES[dtype]).element_size()
     results = []
     for prov in providers:
         fits, fails, last_time, b, note = None, None, 0.0, start, ""
@@ -336,7 +214,7 @@ def fit_budget(providers, device, dim, dtype, budget_bytes, start, time_cap_s, t
                 # Not run: far over the budget by the model (on the CPU it could exhaust the machine).
                 r = dict(cfg, error="not run: the memory model predicts more than 1.25x the budget")
             else:
-                r = run_child(cfg, timeout)
+                r = H.run_child("bench.bench_clip_loss", cfg, timeout)
             measured.append(r)
             if "error" in r or r["peak_bytes"] + input_bytes > budget_bytes:
                 fails = b
@@ -374,53 +252,20 @@ def _model_largest(prov, dim, elem, budget, device_type):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Contrastive-loss benchmark (see the module docstring).")
-    p.add_argument("--batch", type=int, nargs="+", default=None)
-    p.add_argument("--dim", type=int, nargs="+", default=[512])
-    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES))
-    p.add_argument("--mode", nargs="+", default=["full"], choices=["forward", "backward", "full"])
-    p.add_argument("--providers", nargs="+", default=None, choices=PROVIDERS)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default: 10 CUDA, 3 CPU)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=900, help="seconds per child process")
-    p.add_argument("--csv", default=os.path.join(RESULTS_DIR, "clip_loss.csv"))
-    p.add_argument("--plot", default=os.path.join(RESULTS_DIR, "clip_loss.png"))
-    p.add_argument(
-        "--fit-budget",
-        type=float,
-        default=None,
-        metavar="GIB",
-        help="find the largest batch each provider runs forward+backward within GIB",
-    )
+    p = H.parser("Contrastive-loss benchmark (see the module docstring).", "clip_loss",
+                 ["forward", "backward", "full"], PROVIDERS)
+    p.add_argument("--fit-budget", type=float, default=None, metavar="GIB",
+                   help="find the largest batch each provider runs forward+backward within GIB")
     p.add_argument("--fit-start", type=int, default=4096)
     p.add_argument("--fit-time-cap", type=float, default=120.0, help="seconds per step before stopping")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-
     if args.worker:
-        cfg = json.loads(args.worker)
-        torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-        print(json.dumps(measure(cfg)), flush=True)
-        return 0
+        return H.run_worker(args, measure)
 
-    device = torch.device(args.device)
+    device, env, batches, dtypes, reps, warmup = H.start(args, [4096, 8192, 16384])
     cuda = device.type == "cuda"
-    env = environment(device)
-    batches = args.batch or ([16384, 65536] if cuda else [4096, 8192, 16384])
-    dtypes = args.dtype or (["bf16"] if cuda else ["fp32"])
-    reps = args.reps or (10 if cuda else 3)
-    # On the CPU the memory measurement (one full step, first in each child) is the warm-up.
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 0)
     wanted = args.providers or (PROVIDERS if cuda else ["m2-torch", "open_clip"])
-    providers = []
-    for prov in wanted:
-        ok, why = provider_available(prov, device)
-        if ok:
-            providers.append(prov)
-        else:
-            print(f"skipping {prov}: {why}")
-    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
+    providers = H.available_providers(wanted, device, provider_available)
 
     if args.fit_budget:
         budget = int(args.fit_budget * 2**30)
@@ -460,8 +305,8 @@ def main(argv=None) -> int:
 
     rows = []
     for dtype in dtypes:
-        base_rate = matmul_tflops(device, DTYPES[dtype]) if cuda else float("nan")
-        elem = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        base_rate = H.matmul_tflops(device, H.DTYPES[dtype]) if cuda else float("nan")
+        elem = torch.empty((), dtype=H.DTYPES[dtype]).element_size()
         total_mem = torch.cuda.get_device_properties(device).total_memory if cuda else float("inf")
         for dim in args.dim:
             for mode in args.mode:
@@ -473,25 +318,12 @@ def main(argv=None) -> int:
                             r = dict(cfg, error=f"skipped: the memory model predicts {fmt_bytes(need)} "
                                      f"> {fmt_bytes(total_mem)} of GPU memory")
                         else:
-                            r = run_child(cfg, args.timeout)
-                        r.update(
-                            env_device=env["device"],
-                            env_torch=env["torch"],
-                            env_triton=env["triton"],
-                            env_date=env["date"],
-                            matmul_tflops=base_rate,
-                        )
-                        rows.append(r)
-                        msg = r.get("error") or f"{r['median_ms']:.1f} ms, peak {fmt_bytes(r['peak_bytes'])}"
-                        print(f"  {prov:>10} B={b:<7} D={dim:<5} {dtype} {mode}: {msg}", flush=True)
-    print_table(rows)
+                            r = H.run_child("bench.bench_clip_loss", cfg, args.timeout)
+                        rows.append(H.stamp(r, env, base_rate))
+    H.print_table(rows)
     if cuda:
         print_device_table(rows)
-    full_rows = [{k: v for k, v in r.items()} for r in rows]
-    keys = sorted({k for r in full_rows for k in r})
-    path = append_csv(args.csv, [{k: r.get(k, "") for k in keys} for r in full_rows])
-    plot(rows, args.plot)
-    print(f"\nCSV: {path}\nplot: {args.plot}")
+    H.save(rows, args, "CLIP loss")
     return 1 if failed(rows) else 0
 
 

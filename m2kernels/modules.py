@@ -10,6 +10,14 @@ from torch import nn
 from m2kernels import functional as F
 
 
+def _check_rank_and_world_size(rank, world_size) -> None:
+    """open_clip's ``rank`` / ``world_size`` constructor arguments: ints, 0 <= rank < world_size."""
+    for name, v, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if rank >= world_size:
+        raise ValueError(f"rank={rank} must be smaller than world_size={world_size}")
+
 class ClipLoss(nn.Module):
     """open_clip's ``ClipLoss`` signature, without the B x B logits.
 
@@ -55,11 +63,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         if use_horovod:
             raise ValueError("use_horovod is not supported; use torch.distributed process groups")
-        for name, v, low in (("world_size", world_size, 1), ("rank", rank, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if rank >= world_size:
-            raise ValueError(f"rank={rank} must be smaller than world_size={world_size}")
+        _check_rank_and_world_size(rank, world_size)
         if mode is not None and mode not in F.MODES:
             raise ValueError(f"mode must be None or one of {F.MODES}, got {mode!r}")
         if mode is None and (group is not None or group_size is not None):
@@ -138,11 +142,7 @@ class SigLipLoss(nn.Module):
         check_finite: bool = False,
     ):
         super().__init__()
-        for name, v, low in (("world_size", world_size, 1), ("rank", rank, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if rank >= world_size:
-            raise ValueError(f"rank={rank} must be smaller than world_size={world_size}")
+        _check_rank_and_world_size(rank, world_size)
         if dist_impl is not None and dist_impl not in F.SIGLIP_DIST_IMPL:
             raise ValueError(f"dist_impl must be None or one of {F.SIGLIP_DIST_IMPL}, got {dist_impl!r}")
         if mode is not None and mode not in F.SIGLIP_MODES:

@@ -77,28 +77,10 @@ _SIZES = {
     "large": dict(width=1024, heads=16, ffn_dim=4096, num_layers=21, num_shared_layers=3, embed_dim=1024),
     "huge": dict(width=4096, heads=32, ffn_dim=16384, num_layers=21, num_shared_layers=3, embed_dim=1024),
     # small sizes for tests and CPU demos (bert-base-chinese vocabulary, small images)
-    "tiny": dict(
-        width=64,
-        heads=4,
-        ffn_dim=256,
-        num_layers=2,
-        num_shared_layers=1,
-        embed_dim=32,
-        image_size=32,
-        patch_size=8,
-        vocab_size=BERT_CHINESE_VOCAB_SIZE,
-    ),
-    "small": dict(
-        width=256,
-        heads=4,
-        ffn_dim=1024,
-        num_layers=4,
-        num_shared_layers=2,
-        embed_dim=256,
-        image_size=64,
-        patch_size=8,
-        vocab_size=BERT_CHINESE_VOCAB_SIZE,
-    ),
+    "tiny": dict(width=64, heads=4, ffn_dim=256, num_layers=2, num_shared_layers=1, embed_dim=32,
+                 image_size=32, patch_size=8, vocab_size=BERT_CHINESE_VOCAB_SIZE),
+    "small": dict(width=256, heads=4, ffn_dim=1024, num_layers=4, num_shared_layers=2, embed_dim=256,
+                  image_size=64, patch_size=8, vocab_size=BERT_CHINESE_VOCAB_SIZE),
 }
 _ALIASES = {"0.4B": "base", "1B": "large", "10B": "huge"}
 

@@ -49,6 +49,7 @@ from .data import (
     read_jsonl,
 )
 from .data.decode import BadSample
+from .data.records import text_lines
 from .data.transforms import normalize_uint8
 from .metrics import PROTOCOLS, TIE_MODES, official_retrieval_metrics, retrieval_metrics, topk_accuracy
 from .progress import progress_bar
@@ -453,19 +454,11 @@ def _read_lines(path: str, what: str) -> list[str]:
     """The non-blank lines of a class-name or template file; ValueError naming ``file:line`` for a line
     that is not UTF-8, and the file when it holds none."""
     out = []
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such {what} file") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
-                                 f"{e.start + 1})") from None
-            if line.strip():
-                out.append((lineno, line))
+    for lineno, line, problem in text_lines(path, what):
+        if problem:
+            raise ValueError(f"{path}:{lineno}: {problem}")
+        if line.strip():
+            out.append((lineno, line))
     if not out:
         raise ValueError(f"{path}: no {what} in the file")
     return out

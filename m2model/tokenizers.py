@@ -59,6 +59,10 @@ class Tokenizer:
     def encode_one(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids without special tokens for each text (subclasses may batch this)."""
+        return [self.encode_one(text) for text in texts]
+
     def decode(self, ids) -> str:
         raise NotImplementedError
 
@@ -69,16 +73,16 @@ class Tokenizer:
             raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
         if len(texts) == 0:
             raise ValueError("texts is empty: nothing to tokenize")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
         length = self.context_length if context_length is None else context_length
         if length < 2:
             raise ValueError(f"context_length must be >= 2, got {length}")
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(texts), length), dtype=torch.long)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
-            body = self.encode_one(text)
-            room = length - 2
+        room = length - 2
+        for i, body in enumerate(self.encode_batch(list(texts))):
             if len(body) > room:
                 body = body[len(body) - room :] if self.truncation_side == "left" else body[:room]
             row = [self.cls_id, *body, self.end_id]
@@ -143,28 +147,9 @@ class BertTokenizer(Tokenizer):
     def encode_one(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def __call__(self, texts: str | Sequence[str], context_length: int | None = None):
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, Sequence):
-            raise TypeError(f"texts must be a string or a sequence of strings, got {type(texts).__name__}")
-        if len(texts) == 0:
-            raise ValueError("texts is empty: nothing to tokenize")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is a {type(text).__name__}, not a str")
-        length = self.context_length if context_length is None else context_length
-        if length < 2:
-            raise ValueError(f"context_length must be >= 2, got {length}")
-        # the whole batch in Rust (in parallel); [CLS] body [SEP], the body cut on the right
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
-        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), length), dtype=torch.long)
-        for i, enc in enumerate(encodings):
-            row = [self.cls_id, *enc.ids[: length - 2], self.end_id]
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return ids, mask
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # the whole batch in Rust (in parallel)
+        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         special = {self.cls_id, self.end_id, self.pad_id}

@@ -89,6 +89,23 @@ class Record:
         return f"{self.path} ({self.key})" if self.in_shard else self.path
 
 
+def text_lines(path: str, what: str):
+    """(line number, text without its line end or None, why it is not UTF-8 or None) for each line of a
+    text file (a byte-order mark dropped); FileNotFoundError naming the file as a ``what`` file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n"), None
+            except UnicodeDecodeError as e:
+                yield lineno, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+
+
 def clean_captions(captions, strip: bool = True) -> tuple[str, ...]:
     """Accept a string or a list of strings; drop empty and whitespace-only entries, strip the rest
     (``strip=False``: keep every entry exactly as written)."""
@@ -133,55 +150,47 @@ def read_jsonl(path: str, image_root: str | None = None, *, strict: bool = True,
         stats["bad_line"] += 1
         problems.add(message)
 
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such jsonl file") from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte-order mark
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as e:
-                bad(lineno, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-                continue
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
-                bad(lineno, 'expected an object with an "image" path string')
-                continue
-            try:
-                caps = clean_captions(obj.get("caption", obj.get("captions")), strip_captions)
-            except TypeError as e:
-                bad(lineno, str(e))
-                continue
-            if require_caption and not any(c.strip() for c in caps):
-                bad(lineno, '"caption" must hold at least one non-empty string')
-                continue
-            label = obj.get("label")
-            if label is not None and (isinstance(label, bool) or not isinstance(label, (int, str))):
-                bad(lineno, f'"label" must be an int or a class name, got {label!r}')
-                continue
-            if require_label and label is None:
-                bad(lineno, 'expected a "label" (int or class name)')
-                continue
-            if label_names is not None and label is not None:
-                if isinstance(label, str):
-                    if label not in name_index:
-                        bad(lineno, f'"label" {label!r} is not one of the {len(label_names)} class names')
-                        continue
-                    label = name_index[label]
-                elif not 0 <= label < len(label_names):
-                    bad(lineno, f'"label" {label} is outside [0, {len(label_names)}) (the class names)')
+    for lineno, text, problem in text_lines(path, "jsonl"):
+        if problem:
+            bad(lineno, problem)
+            continue
+        line = text.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad(lineno, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not obj["image"]:
+            bad(lineno, 'expected an object with an "image" path string')
+            continue
+        try:
+            caps = clean_captions(obj.get("caption", obj.get("captions")), strip_captions)
+        except TypeError as e:
+            bad(lineno, str(e))
+            continue
+        if require_caption and not any(c.strip() for c in caps):
+            bad(lineno, '"caption" must hold at least one non-empty string')
+            continue
+        label = obj.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (int, str))):
+            bad(lineno, f'"label" must be an int or a class name, got {label!r}')
+            continue
+        if require_label and label is None:
+            bad(lineno, 'expected a "label" (int or class name)')
+            continue
+        if label_names is not None and label is not None:
+            if isinstance(label, str):
+                if label not in name_index:
+                    bad(lineno, f'"label" {label!r} is not one of the {len(label_names)} class names')
                     continue
-            records.append(Record(key=obj["image"], path=os.path.join(root, obj["image"]), captions=caps,
-                                  label=label))
+                label = name_index[label]
+            elif not 0 <= label < len(label_names):
+                bad(lineno, f'"label" {label} is outside [0, {len(label_names)}) (the class names)')
+                continue
+        records.append(Record(key=obj["image"], path=os.path.join(root, obj["image"]), captions=caps,
+                              label=label))
     return records
 
 
