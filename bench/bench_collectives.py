@@ -110,10 +110,29 @@ def _bench_one(rank, world, mode, n, b, dim, steps, warmup, loss_backend):
     return times, counted
 
 
+def _agreement_latency(calls: int = 500) -> float:
+    """Median seconds of the host-side agreement exchange every distributed loss call starts with."""
+    from m2kernels.distributed.agreement import agree
+
+    fields = list(range(7))  # as many ints as the loss exchanges
+    for _ in range(50):
+        agree(dist.group.WORLD, "loss", None, fields)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        agree(dist.group.WORLD, "loss", None, fields)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _worker(rank, world, init_file, out_file, cfg):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        agreement_s = _agreement_latency()
+        if rank == 0:
+            print(f"  world {world} agreement exchange (every loss call): median {agreement_s * 1e6:.0f} us",
+                  flush=True)
         rows = []
         for b in cfg["samples"]:
             for mode in cfg["modes"]:
@@ -126,16 +145,18 @@ def _worker(rank, world, init_file, out_file, cfg):
                     ms = 1e3 * statistics.median(times)
                     print(f"  world {world} {mode:>12} b={b:5d}: median {ms:9.1f} ms", flush=True)
         if rank == 0:
-            torch.save(rows, out_file)
+            torch.save({"rows": rows, "agreement_s": agreement_s}, out_file)
     finally:
         dist.destroy_process_group()
 
 
-def run_world(world: int, cfg: dict) -> list[dict]:
+def run_world(world: int, cfg: dict) -> tuple[list[dict], float]:
+    """The rows of one world size and the median agreement-exchange time (seconds)."""
     with tempfile.TemporaryDirectory() as tmp:
         out_file = os.path.join(tmp, "rows.pt")
         mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), out_file, cfg), nprocs=world, join=True)
-        return torch.load(out_file)
+        out = torch.load(out_file)
+        return out["rows"], out["agreement_s"]
 
 
 def formula_bytes(mode, b, dim, world, n):
@@ -221,7 +242,7 @@ def main(argv=None) -> int:
           f"D={args.dim} fp32; {args.warmup} warm-up + {args.steps} timed steps")
     cfg = dict(samples=list(samples), modes=modes, group_size=args.group_size, dim=args.dim, steps=args.steps,
                warmup=args.warmup, loss_backend=args.loss_backend)
-    rows = []
+    rows, agreement = [], {}
     for w in args.worlds:
         over = w > cores
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -231,7 +252,8 @@ def main(argv=None) -> int:
         print(f"world {w}" + (f": OVERSUBSCRIBED ({w} processes on {cores} CPU cores; times include CPU "
                               "contention, compare modes within this world size only)" if over else ""),
               flush=True)
-        for r in run_world(w, cfg):
+        world_rows, agreement[w] = run_world(w, cfg)
+        for r in world_rows:
             times = r["times"]
             formula = formula_bytes(r["mode"], r["samples_per_rank"], args.dim, w, r["group_size"])
             counted = r["counted"]
@@ -272,6 +294,9 @@ def main(argv=None) -> int:
               f"({r['time_p20_ms']:.1f}-{r['time_p80_ms']:.1f}) | {r['mib_sent']}; {counted} |")
     if any(r["oversubscribed"] for r in rows):
         print(f"* oversubscribed: more processes than the {cores} CPU cores")
+    for w, seconds in agreement.items():
+        print(f"world {w}{'*' if w > cores else ''}: host-side agreement exchange, part of every step above: "
+              f"median {seconds * 1e6:.0f} us a call")
     print(f"\nwrote {csv_path} and {png_path}")
     return 0
 
