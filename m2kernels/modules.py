@@ -18,6 +18,7 @@ def _check_rank_and_world_size(rank, world_size) -> None:
     if rank >= world_size:
         raise ValueError(f"rank={rank} must be smaller than world_size={world_size}")
 
+
 class ClipLoss(nn.Module):
     """open_clip's ``ClipLoss`` signature, without the B x B logits.
 

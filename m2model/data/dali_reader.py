@@ -167,13 +167,13 @@ class DaliReader:
         shutil.rmtree(os.path.dirname(index_paths[0]), ignore_errors=True)  # read at build time
         return p
 
-    def _run(self, pipe, plans) -> torch.Tensor:
-        """The next batch as normalised float32 [N, 3, S, S]; ``plans`` are its samples' plans."""
+    def _run(self, pipe, plan: EpochPlan, positions: list[int]) -> torch.Tensor:
+        """The next batch (stream ``positions`` of ``plan``) as normalised float32 [N, 3, S, S]."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         (out,) = pipe.run()
         if not self.resize_in_pipeline:
-            return self._resize_on_cpu(out, plans)
+            return self._resize_on_cpu(out, [plan.plan(p) for p in positions])
         tensor = out.as_tensor()
         dev = torch.device("cuda", self.device_id) if self.device == "cuda" else torch.device("cpu")
         images = torch.empty(tensor.shape(), dtype=torch.float32, device=dev)
@@ -224,7 +224,7 @@ class DaliReader:
                 while k < len(reader_positions):
                     covered = reader_positions[k: k + self.batch_size]
                     try:
-                        images = self._run(pipe, [plan.plan(p) for p in covered])[: len(covered)]
+                        images = self._run(pipe, plan, covered)[: len(covered)]
                     except RuntimeError as e:
                         # the pipeline is dead: these samples go through Pillow, and so do the ones DALI
                         # failed on from now on
